@@ -1,0 +1,169 @@
+"""Dilated ResNet "v1c" (deep stem, stride on the 3x3 conv) as used by PCAA, at output stride 8 or 16."""
+
+from contextlib import contextmanager, nullcontext
+
+from torch import nn
+
+BOTTLENECK_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+BASIC_DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+STAGE_WIDTHS = (64, 128, 256, 512)
+STEM_WIDTHS = (32, 32, 64)
+MULTI_GRID = (1, 2, 4)
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    # SyncBatchNorm is not a subclass of BatchNorm2d, so match on the name as transformers' ResNet does.
+    return "BatchNorm" in type(module).__name__
+
+
+@contextmanager
+def frozen_running_statistics(module: nn.Module):
+    """Normalise with batch statistics without updating the running ones (for activation-checkpoint recomputation)."""
+    norms = [m for m in module.modules() if is_batch_norm(m) and m.track_running_stats]
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
+
+
+class PCAACheckpointableLayer(nn.Module):
+    """
+    A layer that `model.activation_checkpointing_enable()` can checkpoint. Unlike a plain checkpoint, the recomputation
+    in the backward pass does not update BatchNorm running statistics a second time, so a checkpointed run keeps the
+    same statistics as an uncheckpointed one.
+    """
+
+    gradient_checkpointing = False
+
+    def forward(self, hidden_state):
+        if self.gradient_checkpointing and self.training:
+            return self._gradient_checkpointing_func(
+                self.layer_forward,
+                hidden_state,
+                context_fn=lambda: (nullcontext(), frozen_running_statistics(self)),
+            )
+        return self.layer_forward(hidden_state)
+
+    def layer_forward(self, hidden_state):
+        raise NotImplementedError
+
+
+class PCAAConvNormAct(nn.Sequential):
+    """Conv (no bias, padding = dilation * (kernel // 2)) -> BatchNorm -> optional ReLU."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, dilation=1, activation=True):
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=dilation * (kernel_size // 2),
+            dilation=dilation,
+            bias=False,
+        )
+        self.norm = nn.BatchNorm2d(out_channels)
+        self.activation = nn.ReLU(inplace=True) if activation else nn.Identity()
+
+
+class PCAABasicBlock(PCAACheckpointableLayer):
+    """3x3 (stride, dilation) -> 3x3, plus shortcut (ResNet-18/34; the second conv is undilated, as mmsegmentation)."""
+
+    expansion = 1
+
+    def __init__(self, in_channels, width, stride=1, dilation=1):
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = PCAAConvNormAct(in_channels, width, 3, stride=stride, dilation=dilation)
+        self.conv2 = PCAAConvNormAct(width, out_channels, 3, activation=False)
+        self.shortcut = (
+            PCAAConvNormAct(in_channels, out_channels, 1, stride=stride, activation=False)
+            if stride != 1 or in_channels != out_channels
+            else nn.Identity()
+        )
+        self.activation = nn.ReLU(inplace=True)
+
+    def layer_forward(self, hidden_state):
+        residual = self.shortcut(hidden_state)
+        return self.activation(self.conv2(self.conv1(hidden_state)) + residual)
+
+
+class PCAABottleneck(PCAACheckpointableLayer):
+    """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4 channels), plus shortcut (ResNet-50/101)."""
+
+    expansion = 4
+
+    def __init__(self, in_channels, width, stride=1, dilation=1):
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = PCAAConvNormAct(in_channels, width, 1)
+        self.conv2 = PCAAConvNormAct(width, width, 3, stride=stride, dilation=dilation)
+        self.conv3 = PCAAConvNormAct(width, out_channels, 1, activation=False)
+        self.shortcut = (
+            PCAAConvNormAct(in_channels, out_channels, 1, stride=stride, activation=False)
+            if stride != 1 or in_channels != out_channels
+            else nn.Identity()
+        )
+        self.activation = nn.ReLU(inplace=True)
+
+    def layer_forward(self, hidden_state):
+        residual = self.shortcut(hidden_state)
+        return self.activation(self.conv3(self.conv2(self.conv1(hidden_state))) + residual)
+
+
+def stage_strides_and_dilations(output_stride: int):
+    """(stride, dilation) of stages 1-4: stride 8 dilates stages 3 and 4 by 2 and 4, stride 16 dilates stage 4 by 2."""
+    if output_stride == 8:
+        return ((1, 1), (2, 1), (1, 2), (1, 4))
+    return ((1, 1), (2, 1), (2, 1), (1, 2))
+
+
+class PCAAResNetBackbone(nn.Module):
+    """
+    Dilated ResNet "v1c": a deep stem (three 3x3 convs, 3->32->32->64, the first with stride 2) and a 3x3 max-pool
+    (stride 2), then four residual stages. Every block of a dilated stage uses the stage's dilation, the first block
+    included; with multi-grid, the blocks of stage 4 multiply it by 1, 2, 4 in turn.
+
+    Input: `pixel_values` (B, C, H, W). Output: a tuple of the stem output (B, 64, H/4, W/4) and the four stage
+    outputs (B, w*e, H/4, W/4), (B, 2w*e, H/8, W/8), (B, 4w*e, H/s', W/s'), (B, 8w*e, H/s, W/s), with w = 64,
+    e = 4 for bottleneck and 1 for basic blocks, s the output stride and s' = min(s, 16); sizes round up.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        bottleneck = config.backbone_depth in BOTTLENECK_DEPTHS
+        block = PCAABottleneck if bottleneck else PCAABasicBlock
+        depths = BOTTLENECK_DEPTHS[config.backbone_depth] if bottleneck else BASIC_DEPTHS[config.backbone_depth]
+
+        self.stem = nn.Sequential(
+            PCAAConvNormAct(config.num_channels, STEM_WIDTHS[0], 3, stride=2),
+            PCAAConvNormAct(STEM_WIDTHS[0], STEM_WIDTHS[1], 3),
+            PCAAConvNormAct(STEM_WIDTHS[1], STEM_WIDTHS[2], 3),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        )
+        in_channels = STEM_WIDTHS[-1]
+        self.stages = nn.ModuleList()
+        stage_settings = stage_strides_and_dilations(config.output_stride)
+        for index, (depth, width, (stride, dilation)) in enumerate(zip(depths, STAGE_WIDTHS, stage_settings)):
+            is_last = index == len(depths) - 1
+            blocks = []
+            for block_index in range(depth):
+                grid = MULTI_GRID[block_index % len(MULTI_GRID)] if config.multi_grid and is_last else 1
+                blocks.append(block(in_channels, width, stride if block_index == 0 else 1, dilation * grid))
+                in_channels = width * block.expansion
+            self.stages.append(nn.Sequential(*blocks))
+        self.channels = [STEM_WIDTHS[-1]] + [width * block.expansion for width in STAGE_WIDTHS]
+
+    def forward(self, pixel_values):
+        hidden_state = self.stem(pixel_values)
+        hidden_states = (hidden_state,)
+        for stage in self.stages:
+            hidden_state = stage(hidden_state)
+            hidden_states += (hidden_state,)
+        return hidden_states
+
+
+__all__ = ["PCAAResNetBackbone", "PCAAConvNormAct", "PCAACheckpointableLayer"]

@@ -1,0 +1,138 @@
+"""Configuration of PCAA (Partial Class Activation Attention, Liu et al., CVPR 2022)."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+BACKBONE_DEPTHS = (18, 34, 50, 101)
+OUTPUT_STRIDES = (8, 16)
+DEFAULT_NUM_LABELS = 19
+
+
+@strict
+class PCAAConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`PCAAForSemanticSegmentation`]. The defaults reproduce the paper's Cityscapes ResNet-50 model
+    (dilated ResNet-50 "v1c" at output stride 8, one PCAA module with 4x4 bins, auxiliary head), with 19 generic
+    labels unless `id2label`/`label2id` or `num_labels` are given.
+
+    Args:
+        backbone_depth (`int`, *optional*, defaults to 50):
+            Depth of the dilated ResNet "v1c" backbone: 18 or 34 (basic blocks, for small fast runs), 50 or 101
+            (bottleneck blocks, as in the paper).
+        output_stride (`int`, *optional*, defaults to 8):
+            Ratio of input to feature-map resolution: 8 (stages 3 and 4 dilated by 2 and 4) or 16 (stage 4 dilated
+            by 2).
+        multi_grid (`bool`, *optional*, defaults to `False`):
+            Multiply the dilation of the blocks of stage 4 by (1, 2, 4) in turn (the paper's ADE20K model).
+        num_channels (`int`, *optional*, defaults to 3):
+            Number of input image channels.
+        hidden_size (`int`, *optional*, defaults to 512):
+            Width of the PCAA head; the attention inside a PCAA module works at half of it.
+        bins (`list[tuple[int, int]]`, *optional*, defaults to `((4, 4),)`):
+            One (rows, columns) region grid per PCAA module; the modules are applied in sequence.
+        cam_dropout (`float`, *optional*, defaults to 0.1):
+            Channel dropout (`Dropout2d`) before the partial class activation map of each PCAA module.
+        classifier_dropout (`float`, *optional*, defaults to 0.0):
+            Channel dropout before the final classifiers of the decode and auxiliary heads (the authors' `--dropout`
+            flag sets 0.1).
+        use_auxiliary_head (`bool`, *optional*, defaults to `True`):
+            Whether to build the auxiliary (stage 3) head and use its loss.
+        auxiliary_hidden_size (`int`, *optional*, defaults to 256):
+            Width of the auxiliary head.
+        auxiliary_loss_weight (`float`, *optional*, defaults to 0.4):
+            Weight of the auxiliary cross-entropy in the total loss.
+        region_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the region-level classification (focal) loss in the total loss.
+        focal_gamma (`float`, *optional*, defaults to 2.0):
+            Focusing parameter of the region focal loss.
+        region_label_threshold (`float`, *optional*, defaults to 0.01):
+            A class covering a region's area by a fraction in (0, threshold) is ignored in the region loss.
+        loss_ignore_index (`int`, *optional*, defaults to 255):
+            Label value of pixels that are ignored by every loss.
+        use_ohem (`bool`, *optional*, defaults to `False`):
+            Online hard example mining for the segmentation cross-entropy.
+        ohem_threshold (`float`, *optional*, defaults to 0.7):
+            OHEM keeps the pixels whose true-class probability is below max(threshold, the `ohem_min_kept`-th
+            smallest probability).
+        ohem_min_kept (`int`, *optional*, defaults to 100000):
+            Minimum number of pixels per image OHEM keeps.
+        initializer_range (`float`, *optional*, defaults to 0.01):
+            Standard deviation of the normal initialisation of the classifiers (other convs use Kaiming-normal).
+
+    Example:
+
+    ```python
+    >>> from pcaa_hf import PCAAConfig, PCAAForSemanticSegmentation
+    >>> config = PCAAConfig(backbone_depth=101, multi_grid=True, num_labels=150)  # the paper's ADE20K model
+    >>> model = PCAAForSemanticSegmentation(config)
+    ```
+    """
+
+    model_type = "pcaa"
+
+    backbone_depth: int = 50
+    output_stride: int = 8
+    multi_grid: bool = False
+    num_channels: int = 3
+    hidden_size: int = 512
+    bins: list[list[int]] | list[tuple[int, int]] | tuple[tuple[int, int], ...] = ((4, 4),)
+    cam_dropout: float = 0.1
+    classifier_dropout: float = 0.0
+    use_auxiliary_head: bool = True
+    auxiliary_hidden_size: int = 256
+    auxiliary_loss_weight: float = 0.4
+    region_loss_weight: float = 1.0
+    focal_gamma: float = 2.0
+    region_label_threshold: float = 0.01
+    loss_ignore_index: int = 255
+    use_ohem: bool = False
+    ohem_threshold: float = 0.7
+    ohem_min_kept: int = 100000
+    initializer_range: float = 0.01
+
+    def __post_init__(self, **kwargs):
+        if self.id2label is None and "num_labels" not in kwargs:
+            kwargs["num_labels"] = DEFAULT_NUM_LABELS
+        super().__post_init__(**kwargs)
+
+    def validate_backbone(self):
+        if self.backbone_depth not in BACKBONE_DEPTHS:
+            raise ValueError(f"`backbone_depth` must be one of {BACKBONE_DEPTHS}, got {self.backbone_depth}.")
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"`output_stride` must be one of {OUTPUT_STRIDES}, got {self.output_stride}.")
+        if self.num_channels < 1:
+            raise ValueError(f"`num_channels` must be at least 1, got {self.num_channels}.")
+
+    def validate_head(self):
+        if self.hidden_size < 2 or self.hidden_size % 2:
+            raise ValueError(f"`hidden_size` must be a positive even number, got {self.hidden_size}.")
+        if self.auxiliary_hidden_size < 1:
+            raise ValueError(f"`auxiliary_hidden_size` must be positive, got {self.auxiliary_hidden_size}.")
+        if len(self.bins) == 0:
+            raise ValueError("`bins` must name at least one (rows, columns) region grid, got none.")
+        for grid in self.bins:
+            if len(grid) != 2 or any(not isinstance(n, int) or n < 1 for n in grid):
+                raise ValueError(f"`bins` entries must be pairs of positive integers (rows, columns), got {grid!r}.")
+        for name in ("cam_dropout", "classifier_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)}.")
+
+    def validate_losses(self):
+        if self.num_labels < 2:
+            raise ValueError(f"PCAA needs at least 2 labels (`num_labels`/`id2label`), got {self.num_labels}.")
+        if 0 <= self.loss_ignore_index < self.num_labels:
+            raise ValueError(
+                f"`loss_ignore_index` ({self.loss_ignore_index}) must not be a class id in [0, {self.num_labels})."
+            )
+        for name in ("auxiliary_loss_weight", "region_loss_weight", "focal_gamma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be non-negative, got {getattr(self, name)}.")
+        if not 0.0 <= self.region_label_threshold <= 1.0:
+            raise ValueError(f"`region_label_threshold` must be in [0, 1], got {self.region_label_threshold}.")
+        if not 0.0 < self.ohem_threshold <= 1.0:
+            raise ValueError(f"`ohem_threshold` must be in (0, 1], got {self.ohem_threshold}.")
+        if self.ohem_min_kept < 0:
+            raise ValueError(f"`ohem_min_kept` must be non-negative, got {self.ohem_min_kept}.")
+
+
+__all__ = ["PCAAConfig"]

@@ -1,0 +1,215 @@
+"""Conversion of checkpoints written by the authors' PCAA training code (GitHub lsa1997/PCAA) to transformers folders."""
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .configuration_pcaa import PCAAConfig
+from .label_sets import LABEL_SETS, label_maps
+from .modeling_pcaa import PCAAForSemanticSegmentation
+
+logger = logging.getLogger(__name__)
+
+ORIGINAL_BACKBONES = {"resnet50": 50, "resnet101": 101}
+
+# The authors' (and open-mmlab's ResNet-V1c) backbone names -> ours.
+BACKBONE_KEY_RULES = (
+    (r"^stem\.0\.", "stem.0.conv."),
+    (r"^stem\.1\.", "stem.0.norm."),
+    (r"^stem\.3\.", "stem.1.conv."),
+    (r"^stem\.4\.", "stem.1.norm."),
+    (r"^stem\.6\.", "stem.2.conv."),
+    (r"^stem\.7\.", "stem.2.norm."),
+    (r"^layer([1-4])\.(\d+)\.conv([1-3])\.", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.conv{m[3]}.conv."),
+    (r"^layer([1-4])\.(\d+)\.bn([1-3])\.", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.conv{m[3]}.norm."),
+    (r"^layer([1-4])\.(\d+)\.downsample\.0\.", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.shortcut.conv."),
+    (r"^layer([1-4])\.(\d+)\.downsample\.1\.", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}.shortcut.norm."),
+)
+
+PCAA_MODULE_KEY_RULES = (
+    (r"^conv_cam\.", "cam_classifier."),
+    (r"^gcn\.conv1\.", "region_graph.node_conv."),
+    (r"^gcn\.conv2\.", "region_graph.channel_linear."),
+    (r"^fuse\.", "global_fuse."),
+    (r"^proj_query\.", "query."),
+    (r"^proj_key\.", "key."),
+    (r"^proj_value\.", "value."),
+    (r"^conv_out\.0\.", "output_projection.conv."),
+    (r"^conv_out\.1\.", "output_projection.norm."),
+)
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not match the requested architecture."""
+
+
+def rename_key(key, rules):
+    """Apply the first matching (pattern, replacement) rule; None when no rule matches."""
+    for pattern, replacement in rules:
+        renamed, count = re.subn(pattern, replacement, key, count=1)
+        if count:
+            return renamed
+    return None
+
+
+def original_key_to_hf(key, dropout):
+    """The name of an authors' `Seg_Model` state-dict key in `PCAAForSemanticSegmentation`, or None if unknown."""
+    # With --dropout the authors' classifiers sit one index later in their nn.Sequential (after the Dropout2d).
+    classifier = 4 if dropout else 3
+    if key.startswith("backbone."):
+        renamed = rename_key(key[len("backbone."):], BACKBONE_KEY_RULES)
+        return None if renamed is None else "backbone." + renamed
+    match = re.match(r"^head\.module_list\.(\d+)\.(.*)$", key)
+    if match:
+        renamed = rename_key(match[2], PCAA_MODULE_KEY_RULES)
+        return None if renamed is None else f"decode_head.pcaa_modules.{match[1]}.{renamed}"
+    head_rules = (
+        (r"^head\.conva\.0\.", "decode_head.pre.conv."),
+        (r"^head\.conva\.1\.", "decode_head.pre.norm."),
+        (r"^head\.convb\.0\.", "decode_head.post.conv."),
+        (r"^head\.convb\.1\.", "decode_head.post.norm."),
+        (r"^head\.conv_seg\.0\.", "decode_head.fuse.conv."),
+        (r"^head\.conv_seg\.1\.", "decode_head.fuse.norm."),
+        (rf"^head\.conv_seg\.{classifier}\.", "decode_head.classifier."),
+        (r"^dsn\.0\.", "auxiliary_head.conv.conv."),
+        (r"^dsn\.1\.", "auxiliary_head.conv.norm."),
+        (rf"^dsn\.{classifier}\.", "auxiliary_head.classifier."),
+    )
+    return rename_key(key, head_rules)
+
+
+def load_original_state_dict(path):
+    """
+    Read a torch checkpoint without unpickling code (`weights_only=True`). Accepts a plain state dict or one under a
+    "state_dict" or "model" key; strips the `module.` prefix DataParallel/DistributedDataParallel add.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist or is not a file.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"Cannot read {path} as a torch checkpoint of tensors (weights_only=True): {error}") from error
+    for nested in ("state_dict", "model"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(nested), dict):
+            checkpoint = checkpoint[nested]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors).")
+    return {key.removeprefix("module."): value for key, value in checkpoint.items()}
+
+
+def _listing(items, limit=20):
+    items = sorted(items)
+    shown = "\n  ".join(items[:limit])
+    more = f"\n  ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"  {shown}{more}"
+
+
+def convert_original_state_dict(state_dict, model, dropout):
+    """
+    Rename the authors' keys to ours and check them against `model`: every key of the checkpoint must map to a key of
+    the model with the same shape, and every key of the model must be given. Raises `CheckpointMismatchError` listing
+    every offending key otherwise; nothing is dropped silently.
+    """
+    expected = model.state_dict()
+    converted, provided, unexpected, mismatched = {}, set(), [], []
+    for key, value in state_dict.items():
+        new_key = original_key_to_hf(key, dropout)
+        if new_key is None or new_key not in expected:
+            unexpected.append(key)
+            continue
+        provided.add(new_key)
+        if tuple(value.shape) != tuple(expected[new_key].shape):
+            mismatched.append(f"{key} -> {new_key}: checkpoint {tuple(value.shape)}, model {tuple(expected[new_key].shape)}")
+        else:
+            converted[new_key] = value
+    missing = [key for key in expected if key not in provided]
+    problems = []
+    if unexpected:
+        problems.append(f"{len(unexpected)} checkpoint key(s) with no place in the requested model:\n{_listing(unexpected)}")
+    if missing:
+        problems.append(f"{len(missing)} model key(s) the checkpoint does not provide:\n{_listing(missing)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} key(s) with mismatched shapes:\n{_listing(mismatched)}")
+    if problems:
+        raise CheckpointMismatchError(
+            "The checkpoint does not match the requested architecture (check --backbone, --num-labels, --bins, "
+            "--multi-grid and --dropout):\n" + "\n".join(problems)
+        )
+    return converted
+
+
+def original_config(backbone, num_labels, bins, multi_grid, dropout, auxiliary_head=True, dataset=None):
+    """The `PCAAConfig` of an authors' model trained with the given command-line settings."""
+    if backbone not in ORIGINAL_BACKBONES:
+        raise ValueError(f"Unknown backbone {backbone!r}: expected one of {sorted(ORIGINAL_BACKBONES)}.")
+    labels = {"num_labels": num_labels}
+    if dataset is not None:
+        names = LABEL_SETS[dataset]
+        if len(names) != num_labels:
+            raise ValueError(f"--dataset {dataset} has {len(names)} classes but --num-labels is {num_labels}.")
+        id2label, label2id = label_maps(names)
+        labels = {"id2label": id2label, "label2id": label2id}
+    return PCAAConfig(
+        backbone_depth=ORIGINAL_BACKBONES[backbone],
+        multi_grid=multi_grid,
+        bins=tuple(tuple(grid) for grid in bins),
+        classifier_dropout=0.1 if dropout else 0.0,
+        use_auxiliary_head=auxiliary_head,
+        **labels,
+    )
+
+
+def write_folder_atomically(model, output, overwrite=False):
+    """`save_pretrained` into a temporary sibling folder, then move it into place: `output` is never half-written."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"{output} exists and is not a folder.")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output} exists and is not empty; choose another --output or pass --overwrite.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    previous = output.with_name(f".{output.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    try:
+        model.save_pretrained(staging)
+        if output.exists():
+            os.replace(output, previous)
+        os.replace(staging, output)
+    except BaseException:
+        if previous.exists() and not output.exists():
+            os.replace(previous, output)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+    return output
+
+
+def convert_original_checkpoint(checkpoint, output, backbone, num_labels, bins, multi_grid=False, dropout=False,
+                                dataset=None, overwrite=False):
+    """
+    Convert an authors' checkpoint into a `save_pretrained` folder and check that the folder reloads to the same
+    weights. Returns the loaded `PCAAForSemanticSegmentation`.
+    """
+    state_dict = load_original_state_dict(checkpoint)
+    auxiliary_head = any(key.startswith("dsn.") for key in state_dict)
+    if not auxiliary_head:
+        logger.info("The checkpoint has no auxiliary head (dsn.*): converting without one.")
+    config = original_config(backbone, num_labels, bins, multi_grid, dropout, auxiliary_head, dataset)
+    model = PCAAForSemanticSegmentation(config)
+    model.load_state_dict(convert_original_state_dict(state_dict, model, dropout), strict=True)
+    write_folder_atomically(model.eval(), output, overwrite)
+
+    reloaded, info = PCAAForSemanticSegmentation.from_pretrained(output, output_loading_info=True)
+    if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
+        raise RuntimeError(f"{output} does not reload cleanly: {info}")
+    reloaded_state = reloaded.state_dict()
+    for key, value in model.state_dict().items():
+        if not torch.equal(reloaded_state[key], value):
+            raise RuntimeError(f"{output} reloads {key} with different values.")
+    return reloaded

@@ -1,0 +1,343 @@
+"""PyTorch PCAA: Partial Class Activation Attention for Semantic Segmentation (Liu et al., CVPR 2022)."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import SemanticSegmenterOutput
+
+from .backbone_pcaa import PCAAConvNormAct, PCAAResNetBackbone, is_batch_norm
+from .configuration_pcaa import PCAAConfig
+from .loss_pcaa import pcaa_loss
+
+
+@dataclass
+class PCAASemanticSegmenterOutput(SemanticSegmenterOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
+        segmentation_loss + auxiliary_loss_weight * auxiliary_loss + region_loss_weight * region_loss.
+    logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height / output_stride, width / output_stride)`):
+        Class scores of the decode head, at feature resolution (upsample them to the image size before argmax).
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        The backbone's stem output and the outputs of its four stages.
+    segmentation_loss, auxiliary_loss, region_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        The terms of `loss`, for logging.
+    auxiliary_logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height / s, width / s)`, *optional*):
+        Class scores of the auxiliary head, computed in training mode or when `labels` is provided.
+    region_class_scores (`tuple(torch.FloatTensor)`):
+        One `(batch_size, num_labels, bins_rows, bins_columns)` tensor of sigmoid region class scores per PCAA module.
+    """
+
+    segmentation_loss: torch.FloatTensor | None = None
+    auxiliary_loss: torch.FloatTensor | None = None
+    region_loss: torch.FloatTensor | None = None
+    auxiliary_logits: torch.FloatTensor | None = None
+    region_class_scores: tuple[torch.FloatTensor, ...] | None = None
+
+
+class RegionPartition:
+    """
+    Partition of one axis of length L into b contiguous regions of at most r = ceil(L / b) positions: region i
+    holds [floor(i*L/b), floor((i+1)*L/b)). When b divides L this is the authors' equal split and no index is needed;
+    otherwise regions are padded to r positions by `gather` (repeating a position) and `valid` (b, r) marks the real
+    ones, and `scatter` (L,) finds each position's slot again.
+    """
+
+    def __init__(self, length, bins, device):
+        self.bins = bins
+        self.size = -(-length // bins)
+        self.even = length % bins == 0
+        starts = torch.arange(bins, device=device) * length // bins
+        ends = (torch.arange(bins, device=device) + 1) * length // bins
+        positions = starts[:, None] + torch.arange(self.size, device=device)
+        self.valid = positions < ends[:, None]
+        if self.even:
+            return
+        self.gather = positions.clamp(max=length - 1).flatten()
+        is_real = self.valid.flatten()
+        self.scatter = torch.empty(length, dtype=torch.long, device=device)
+        self.scatter[self.gather[is_real]] = torch.arange(bins * self.size, device=device)[is_real]
+
+
+def split_regions(features, rows, cols):
+    """(B, C, H, W) -> (B, N, P, C): N = bh*bw regions row-major, P = rh*rw positions row-major inside a region."""
+    if not rows.even:
+        features = features.index_select(2, rows.gather)
+    if not cols.even:
+        features = features.index_select(3, cols.gather)
+    batch, channels = features.shape[:2]
+    features = features.view(batch, channels, rows.bins, rows.size, cols.bins, cols.size)
+    return features.permute(0, 2, 4, 3, 5, 1).reshape(batch, rows.bins * cols.bins, rows.size * cols.size, channels)
+
+
+def merge_regions(regions, rows, cols):
+    """(B, N, P, C) -> (B, C, H, W), the inverse of `split_regions`."""
+    batch, channels = regions.shape[0], regions.shape[-1]
+    features = regions.view(batch, rows.bins, cols.bins, rows.size, cols.size, channels)
+    features = features.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, rows.bins * rows.size, cols.bins * cols.size)
+    if not rows.even:
+        features = features.index_select(2, rows.scatter)
+    if not cols.even:
+        features = features.index_select(3, cols.scatter)
+    return features
+
+
+def region_mask(rows, cols):
+    """(N, P) bool mask of the real positions of each region."""
+    mask = rows.valid[:, None, :, None] & cols.valid[None, :, None, :]  # (bh, bw, rh, rw)
+    return mask.reshape(rows.bins * cols.bins, rows.size * cols.size)
+
+
+class PCAAClassifier(nn.Conv2d):
+    """1x1 conv with bias producing class scores; initialised normal(0, initializer_range) with zero bias."""
+
+    def __init__(self, in_channels, num_labels):
+        super().__init__(in_channels, num_labels, kernel_size=1)
+
+
+class PCAARegionConv(nn.Conv2d):
+    """1x1 conv over (B, N, K, C) with the N regions as channels; initialised like a linear layer."""
+
+    def __init__(self, in_regions, out_regions, bias):
+        super().__init__(in_regions, out_regions, kernel_size=1, bias=bias)
+
+
+class PCAARegionGraph(nn.Module):
+    """Reasoning over the N regions of local class centres (B, N, K, C): relu(W_N x + x), then a linear map on C."""
+
+    def __init__(self, num_regions, hidden_size):
+        super().__init__()
+        self.node_conv = PCAARegionConv(num_regions, num_regions, bias=False)
+        self.channel_linear = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, local_centres):
+        return self.channel_linear(F.relu(self.node_conv(local_centres) + local_centres))
+
+
+class PCAAModule(nn.Module):
+    """
+    One Partial Class Activation Attention module over a (bh, bw) region grid.
+
+    Input (B, C, H, W). Output: the attended features (B, C, H, W) and the region class scores (B, K, bh, bw).
+    Any H, W work: when bh or bw does not divide them, regions differ in size by at most one row/column (see
+    `RegionPartition`); the region scores are always the adaptive average pooling of the class activation map.
+    """
+
+    def __init__(self, config, grid):
+        super().__init__()
+        hidden_size = config.hidden_size
+        inner_size = hidden_size // 2
+        num_regions = grid[0] * grid[1]
+        self.grid = tuple(grid)
+        self.cam_dropout = nn.Dropout2d(config.cam_dropout)
+        self.cam_classifier = PCAAClassifier(hidden_size, config.num_labels)
+        self.region_graph = PCAARegionGraph(num_regions, hidden_size)
+        self.global_fuse = PCAARegionConv(num_regions, 1, bias=True)
+        self.query = nn.Linear(hidden_size, inner_size)
+        self.key = nn.Linear(hidden_size, inner_size)
+        self.value = nn.Linear(hidden_size, inner_size)
+        self.output_projection = PCAAConvNormAct(inner_size, hidden_size, 1)
+
+    def forward(self, features):
+        class_activation = self.cam_classifier(self.cam_dropout(features))  # (B, K, H, W)
+        region_class_scores = torch.sigmoid(F.adaptive_avg_pool2d(class_activation, self.grid))  # (B, K, bh, bw)
+
+        rows = RegionPartition(features.shape[2], self.grid[0], features.device)
+        cols = RegionPartition(features.shape[3], self.grid[1], features.device)
+        valid = None if rows.even and cols.even else region_mask(rows, cols)
+        pixel_activation = split_regions(class_activation, rows, cols)  # (B, N, P, K)
+        pixels = split_regions(features, rows, cols)  # (B, N, P, C)
+
+        if valid is not None:
+            pixel_activation = pixel_activation.masked_fill(~valid[..., None], float("-inf"))
+        pixel_confidence = pixel_activation.softmax(dim=2)
+        if valid is not None:
+            # A region can be empty when the map is smaller than the grid: its softmax is NaN, its weights are 0.
+            pixel_confidence = pixel_confidence.masked_fill(~valid[..., None], 0.0)
+
+        region_confidence = region_class_scores.flatten(2).transpose(1, 2).unsqueeze(3)  # (B, N, K, 1)
+        local_centres = torch.matmul(pixel_confidence.transpose(2, 3), pixels) * region_confidence  # (B, N, K, C)
+        local_centres = self.region_graph(local_centres)
+        global_centres = F.relu(self.global_fuse(local_centres))  # (B, 1, K, C), shared by all regions
+
+        query = self.query(pixels)  # (B, N, P, C/2)
+        key = self.key(local_centres)  # (B, N, K, C/2)
+        value = self.value(global_centres)  # (B, 1, K, C/2)
+        # Unscaled dot products: the authors define a 1/sqrt(C/2) scale but never apply it.
+        attention = torch.matmul(query, key.transpose(2, 3)).softmax(dim=-1)  # (B, N, P, K)
+        attended = merge_regions(torch.matmul(attention, value), rows, cols)  # (B, C/2, H, W)
+        return features + self.output_projection(attended), region_class_scores
+
+
+class PCAADecodeHead(nn.Module):
+    """
+    3x3 conv -> PCAA module(s) -> 3x3 conv -> concat with the backbone feature -> 3x3 conv -> dropout -> classifier.
+    Input (B, C_in, h, w); output logits (B, K, h, w) and a tuple of region class scores, one per PCAA module.
+    """
+
+    def __init__(self, config, in_channels):
+        super().__init__()
+        hidden_size = config.hidden_size
+        self.pre = PCAAConvNormAct(in_channels, hidden_size, 3)
+        self.pcaa_modules = nn.ModuleList(PCAAModule(config, grid) for grid in config.bins)
+        self.post = PCAAConvNormAct(hidden_size, hidden_size, 3)
+        self.fuse = PCAAConvNormAct(hidden_size + in_channels, hidden_size, 3)
+        self.dropout = nn.Dropout2d(config.classifier_dropout)
+        self.classifier = PCAAClassifier(hidden_size, config.num_labels)
+
+    def forward(self, features):
+        hidden_state = self.pre(features)
+        region_class_scores = ()
+        for module in self.pcaa_modules:
+            hidden_state, scores = module(hidden_state)
+            region_class_scores += (scores,)
+        hidden_state = self.fuse(torch.cat([self.post(hidden_state), features], dim=1))
+        return self.classifier(self.dropout(hidden_state)), region_class_scores
+
+
+class PCAAAuxiliaryHead(nn.Module):
+    """3x3 conv -> dropout -> classifier on the stage-3 feature: (B, C_in, h, w) -> (B, K, h, w)."""
+
+    def __init__(self, config, in_channels):
+        super().__init__()
+        self.conv = PCAAConvNormAct(in_channels, config.auxiliary_hidden_size, 3)
+        self.dropout = nn.Dropout2d(config.classifier_dropout)
+        self.classifier = PCAAClassifier(config.auxiliary_hidden_size, config.num_labels)
+
+    def forward(self, features):
+        return self.classifier(self.dropout(self.conv(features)))
+
+
+class PCAAPreTrainedModel(PreTrainedModel):
+    config: PCAAConfig
+    base_model_prefix = ""
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    accepts_loss_kwargs = False
+    _no_split_modules = ["PCAABottleneck", "PCAABasicBlock", "PCAAModule"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, PCAAClassifier):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            init.zeros_(module.bias)
+        elif isinstance(module, (PCAARegionConv, nn.Linear)):
+            # torch's default for Linear (uniform, bound 1/sqrt(fan_in)), as transformers' ResNet keeps it.
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.weight[0].numel())
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif is_batch_norm(module):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+
+
+class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
+    """
+    PCAA: a dilated ResNet "v1c" backbone, the PCAA decode head on its last stage and an auxiliary head on the stage
+    before. Logits are at 1/output_stride of the input; the loss upsamples them to the label size.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from pcaa_hf import PCAAConfig, PCAAForSemanticSegmentation
+    >>> model = PCAAForSemanticSegmentation(PCAAConfig(backbone_depth=18, num_labels=19)).eval()
+    >>> outputs = model(torch.randn(1, 3, 128, 128))
+    >>> outputs.logits.shape, outputs.region_class_scores[0].shape
+    (torch.Size([1, 19, 16, 16]), torch.Size([1, 19, 4, 4]))
+    ```
+    """
+
+    def __init__(self, config: PCAAConfig):
+        super().__init__(config)
+        self.backbone = PCAAResNetBackbone(config)
+        self.decode_head = PCAADecodeHead(config, self.backbone.channels[-1])
+        self.auxiliary_head = (
+            PCAAAuxiliaryHead(config, self.backbone.channels[-2]) if config.use_auxiliary_head else None
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> tuple | PCAASemanticSegmenterOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images; any height and width.
+        labels (`torch.LongTensor` of shape `(batch_size, label_height, label_width)`, *optional*):
+            Class ids in `[0, num_labels)` or `config.loss_ignore_index`. When given, the loss and its terms are
+            returned (logits are upsampled to the label size for the cross-entropies).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        labels = self._check_inputs(pixel_values, labels)
+
+        hidden_states = self.backbone(pixel_values)
+        logits, region_class_scores = self.decode_head(hidden_states[-1])
+        auxiliary_logits = None
+        if self.auxiliary_head is not None and (self.training or labels is not None):
+            auxiliary_logits = self.auxiliary_head(hidden_states[-2])
+
+        losses = {}
+        if labels is not None:
+            losses = pcaa_loss(self.config, logits, auxiliary_logits, region_class_scores, labels)
+
+        output = PCAASemanticSegmenterOutput(
+            loss=losses.get("loss"),
+            logits=logits,
+            hidden_states=hidden_states if output_hidden_states else None,
+            segmentation_loss=losses.get("segmentation_loss"),
+            auxiliary_loss=losses.get("auxiliary_loss"),
+            region_loss=losses.get("region_loss"),
+            auxiliary_logits=auxiliary_logits,
+            region_class_scores=region_class_scores,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _check_inputs(self, pixel_values, labels):
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"`pixel_values` must have shape (batch_size, {self.config.num_channels}, height, width), "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        if pixel_values.shape[0] == 0:
+            raise ValueError("`pixel_values` is an empty batch.")
+        if labels is None:
+            return None
+        if labels.ndim != 3 or labels.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"`labels` must have shape (batch_size={pixel_values.shape[0]}, height, width), "
+                f"got {tuple(labels.shape)}."
+            )
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"`labels` must hold integer class ids, got dtype {labels.dtype}.")
+        ignore_index, num_labels = self.config.loss_ignore_index, self.config.num_labels
+        out_of_range = ((labels < 0) | (labels >= num_labels)) & (labels != ignore_index)
+        if out_of_range.any():
+            values = torch.unique(labels[out_of_range])[:10].tolist()
+            raise ValueError(
+                f"`labels` holds values outside [0, {num_labels}) that are not the ignore index {ignore_index}: "
+                f"{values}."
+            )
+        return labels.long()
+
+
+__all__ = ["PCAAForSemanticSegmentation", "PCAAPreTrainedModel", "PCAASemanticSegmenterOutput"]

@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+r"""Convert a checkpoint of the authors' PCAA code (GitHub lsa1997/PCAA) into a transformers `save_pretrained` folder.
+
+Example:
+    python scripts/convert_original_pcaa.py --checkpoint CS_scenes_60000.pth --output pcaa-r50-cityscapes \
+        --backbone resnet50 --num-labels 19 --bins 4x4 --dataset cityscapes
+"""
+
+import argparse
+import logging
+import re
+import sys
+
+from pcaa_hf.convert_original import ORIGINAL_BACKBONES, CheckpointMismatchError, convert_original_checkpoint
+from pcaa_hf.label_sets import LABEL_SETS
+
+
+def region_grid(text):
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not match or int(match[1]) < 1 or int(match[2]) < 1:
+        raise argparse.ArgumentTypeError(f"a bin grid is ROWSxCOLUMNS with positive integers (e.g. 4x4), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="the authors' .pth state dict (a `module.` prefix is fine)")
+    parser.add_argument("--output", required=True, help="folder to write (config.json + model.safetensors)")
+    parser.add_argument("--backbone", required=True, choices=sorted(ORIGINAL_BACKBONES))
+    parser.add_argument("--num-labels", required=True, type=int, help="number of classes (19 Cityscapes, 150 ADE20K)")
+    parser.add_argument("--bins", nargs="+", type=region_grid, default=[(4, 4)], metavar="RxC",
+                        help="region grid of each PCAA module, as the authors' --bin_h/--bin_w (default: 4x4)")
+    parser.add_argument("--multi-grid", action="store_true", help="the model was trained with --multi-grid")
+    parser.add_argument("--dropout", action="store_true", help="the model was trained with --dropout")
+    parser.add_argument("--dataset", choices=sorted(LABEL_SETS), help="also set the data set's class names")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output folder")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        model = convert_original_checkpoint(
+            args.checkpoint, args.output, args.backbone, args.num_labels, args.bins, multi_grid=args.multi_grid,
+            dropout=args.dropout, dataset=args.dataset, overwrite=args.overwrite,
+        )
+    except (CheckpointMismatchError, FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"Wrote {args.output}: PCAA {args.backbone}, {model.config.num_labels} classes, bins {args.bins}, "
+          f"{parameters / 1e6:.2f}M parameters; reloaded with no missing or unexpected keys.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
