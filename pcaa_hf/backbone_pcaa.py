@@ -17,16 +17,20 @@ def is_batch_norm(module: nn.Module) -> bool:
 
 
 @contextmanager
-def frozen_running_statistics(module: nn.Module):
-    """Normalise with batch statistics without updating the running ones (for activation-checkpoint recomputation)."""
+def preserved_running_statistics(module: nn.Module):
+    """Let BatchNorm layers update throwaway copies of their running statistics (for checkpoint recomputation)."""
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
     norms = [m for m in module.modules() if is_batch_norm(m) and m.track_running_stats]
-    for norm in norms:
-        norm.track_running_stats = False
+    originals = [[getattr(norm, name) for name in buffers] for norm in norms]
+    for norm, tensors in zip(norms, originals):
+        for name, tensor in zip(buffers, tensors):
+            setattr(norm, name, tensor.clone())
     try:
         yield
     finally:
-        for norm in norms:
-            norm.track_running_stats = True
+        for norm, tensors in zip(norms, originals):
+            for name, tensor in zip(buffers, tensors):
+                setattr(norm, name, tensor)
 
 
 class PCAACheckpointableLayer(nn.Module):
@@ -43,7 +47,7 @@ class PCAACheckpointableLayer(nn.Module):
             return self._gradient_checkpointing_func(
                 self.layer_forward,
                 hidden_state,
-                context_fn=lambda: (nullcontext(), frozen_running_statistics(self)),
+                context_fn=lambda: (nullcontext(), preserved_running_statistics(self)),
             )
         return self.layer_forward(hidden_state)
 

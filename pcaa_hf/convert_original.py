@@ -103,11 +103,8 @@ def load_original_state_dict(path):
     return {key.removeprefix("module."): value for key, value in checkpoint.items()}
 
 
-def _listing(items, limit=20):
-    items = sorted(items)
-    shown = "\n  ".join(items[:limit])
-    more = f"\n  ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"  {shown}{more}"
+def _listing(items):
+    return "\n".join(f"  {item}" for item in sorted(items))
 
 
 def convert_original_state_dict(state_dict, model, dropout):
