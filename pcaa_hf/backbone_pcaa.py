@@ -73,49 +73,49 @@ class PCAAConvNormAct(nn.Sequential):
         self.activation = nn.ReLU(inplace=True) if activation else nn.Identity()
 
 
-class PCAABasicBlock(PCAACheckpointableLayer):
-    """3x3 (stride, dilation) -> 3x3, plus shortcut (ResNet-18/34; the second conv is undilated, as mmsegmentation)."""
+class PCAAResidualBlock(PCAACheckpointableLayer):
+    """relu(branch(x) + shortcut(x)); the shortcut is a 1x1 conv + BatchNorm when the block changes stride or width."""
+
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        self.shortcut = (
+            PCAAConvNormAct(in_channels, out_channels, 1, stride=stride, activation=False)
+            if stride != 1 or in_channels != out_channels
+            else nn.Identity()
+        )
+        self.activation = nn.ReLU(inplace=True)
+
+    def layer_forward(self, hidden_state):
+        return self.activation(self.branch(hidden_state) + self.shortcut(hidden_state))
+
+
+class PCAABasicBlock(PCAAResidualBlock):
+    """3x3 (stride, dilation) -> 3x3 (ResNet-18/34; the second conv is undilated, as in mmsegmentation)."""
 
     expansion = 1
 
     def __init__(self, in_channels, width, stride=1, dilation=1):
-        super().__init__()
-        out_channels = width * self.expansion
+        super().__init__(in_channels, width * self.expansion, stride)
         self.conv1 = PCAAConvNormAct(in_channels, width, 3, stride=stride, dilation=dilation)
-        self.conv2 = PCAAConvNormAct(width, out_channels, 3, activation=False)
-        self.shortcut = (
-            PCAAConvNormAct(in_channels, out_channels, 1, stride=stride, activation=False)
-            if stride != 1 or in_channels != out_channels
-            else nn.Identity()
-        )
-        self.activation = nn.ReLU(inplace=True)
+        self.conv2 = PCAAConvNormAct(width, width * self.expansion, 3, activation=False)
 
-    def layer_forward(self, hidden_state):
-        residual = self.shortcut(hidden_state)
-        return self.activation(self.conv2(self.conv1(hidden_state)) + residual)
+    def branch(self, hidden_state):
+        return self.conv2(self.conv1(hidden_state))
 
 
-class PCAABottleneck(PCAACheckpointableLayer):
-    """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4 channels), plus shortcut (ResNet-50/101)."""
+class PCAABottleneck(PCAAResidualBlock):
+    """1x1 -> 3x3 (stride, dilation) -> 1x1 to 4x the width (ResNet-50/101)."""
 
     expansion = 4
 
     def __init__(self, in_channels, width, stride=1, dilation=1):
-        super().__init__()
-        out_channels = width * self.expansion
+        super().__init__(in_channels, width * self.expansion, stride)
         self.conv1 = PCAAConvNormAct(in_channels, width, 1)
         self.conv2 = PCAAConvNormAct(width, width, 3, stride=stride, dilation=dilation)
-        self.conv3 = PCAAConvNormAct(width, out_channels, 1, activation=False)
-        self.shortcut = (
-            PCAAConvNormAct(in_channels, out_channels, 1, stride=stride, activation=False)
-            if stride != 1 or in_channels != out_channels
-            else nn.Identity()
-        )
-        self.activation = nn.ReLU(inplace=True)
+        self.conv3 = PCAAConvNormAct(width, width * self.expansion, 1, activation=False)
 
-    def layer_forward(self, hidden_state):
-        residual = self.shortcut(hidden_state)
-        return self.activation(self.conv3(self.conv2(self.conv1(hidden_state))) + residual)
+    def branch(self, hidden_state):
+        return self.conv3(self.conv2(self.conv1(hidden_state)))
 
 
 def stage_strides_and_dilations(output_stride: int):
@@ -132,8 +132,8 @@ class PCAAResNetBackbone(nn.Module):
     included; with multi-grid, the blocks of stage 4 multiply it by 1, 2, 4 in turn.
 
     Input: `pixel_values` (B, C, H, W). Output: a tuple of the stem output (B, 64, H/4, W/4) and the four stage
-    outputs (B, w*e, H/4, W/4), (B, 2w*e, H/8, W/8), (B, 4w*e, H/s', W/s'), (B, 8w*e, H/s, W/s), with w = 64,
-    e = 4 for bottleneck and 1 for basic blocks, s the output stride and s' = min(s, 16); sizes round up.
+    outputs with `channels[1:]` channels (4x the stage widths 64/128/256/512 for bottleneck blocks, 1x for basic
+    blocks) at strides 4, 8, 8, 8 (output stride 8) or 4, 8, 16, 16 (output stride 16); sizes round up.
     """
 
     def __init__(self, config):

@@ -51,12 +51,13 @@ class RegionPartition:
         self.bins = bins
         self.size = -(-length // bins)
         self.even = length % bins == 0
+        if self.even:
+            self.valid = torch.ones(bins, self.size, dtype=torch.bool, device=device)
+            return
         starts = torch.arange(bins, device=device) * length // bins
         ends = (torch.arange(bins, device=device) + 1) * length // bins
         positions = starts[:, None] + torch.arange(self.size, device=device)
         self.valid = positions < ends[:, None]
-        if self.even:
-            return
         self.gather = positions.clamp(max=length - 1).flatten()
         is_real = self.valid.flatten()
         self.scatter = torch.empty(length, dtype=torch.long, device=device)
