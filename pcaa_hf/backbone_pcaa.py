@@ -3,6 +3,7 @@
 from contextlib import contextmanager, nullcontext
 
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 BOTTLENECK_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 BASIC_DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
@@ -19,40 +20,22 @@ def is_batch_norm(module: nn.Module) -> bool:
 @contextmanager
 def preserved_running_statistics(module: nn.Module):
     """Let BatchNorm layers update throwaway copies of their running statistics (for checkpoint recomputation)."""
-    buffers = ("running_mean", "running_var", "num_batches_tracked")
-    norms = [m for m in module.modules() if is_batch_norm(m) and m.track_running_stats]
-    originals = [[getattr(norm, name) for name in buffers] for norm in norms]
-    for norm, tensors in zip(norms, originals):
-        for name, tensor in zip(buffers, tensors):
-            setattr(norm, name, tensor.clone())
+    norms = [m for m in module.modules() if is_batch_norm(m) and getattr(m, "track_running_stats", False)]
+    originals = [{name: buffer for name, buffer in norm.named_buffers(recurse=False)} for norm in norms]
+    for norm, buffers in zip(norms, originals):
+        for name, buffer in buffers.items():
+            setattr(norm, name, buffer.clone())
     try:
         yield
     finally:
-        for norm, tensors in zip(norms, originals):
-            for name, tensor in zip(buffers, tensors):
-                setattr(norm, name, tensor)
+        for norm, buffers in zip(norms, originals):
+            for name, buffer in buffers.items():
+                setattr(norm, name, buffer)
 
 
-class PCAACheckpointableLayer(nn.Module):
-    """
-    A layer that `model.activation_checkpointing_enable()` can checkpoint. Unlike a plain checkpoint, the recomputation
-    in the backward pass does not update BatchNorm running statistics a second time, so a checkpointed run keeps the
-    same statistics as an uncheckpointed one.
-    """
-
-    gradient_checkpointing = False
-
-    def forward(self, hidden_state):
-        if self.gradient_checkpointing and self.training:
-            return self._gradient_checkpointing_func(
-                self.layer_forward,
-                hidden_state,
-                context_fn=lambda: (nullcontext(), preserved_running_statistics(self)),
-            )
-        return self.layer_forward(hidden_state)
-
-    def layer_forward(self, hidden_state):
-        raise NotImplementedError
+def statistics_preserving_recomputation(module: nn.Module):
+    """`context_fn` for `torch.utils.checkpoint`: plain forward, recomputation without a second statistics update."""
+    return nullcontext(), preserved_running_statistics(module)
 
 
 class PCAAConvNormAct(nn.Sequential):
@@ -73,8 +56,11 @@ class PCAAConvNormAct(nn.Sequential):
         self.activation = nn.ReLU(inplace=True) if activation else nn.Identity()
 
 
-class PCAAResidualBlock(PCAACheckpointableLayer):
-    """relu(branch(x) + shortcut(x)); the shortcut is a 1x1 conv + BatchNorm when the block changes stride or width."""
+class PCAAResidualBlock(GradientCheckpointingLayer):
+    """
+    relu(branch(x) + shortcut(x)); the shortcut is a 1x1 conv + BatchNorm when the block changes stride or width.
+    The unit of activation checkpointing.
+    """
 
     def __init__(self, in_channels, out_channels, stride):
         super().__init__()
@@ -85,7 +71,7 @@ class PCAAResidualBlock(PCAACheckpointableLayer):
         )
         self.activation = nn.ReLU(inplace=True)
 
-    def layer_forward(self, hidden_state):
+    def forward(self, hidden_state):
         return self.activation(self.branch(hidden_state) + self.shortcut(hidden_state))
 
 
@@ -170,4 +156,4 @@ class PCAAResNetBackbone(nn.Module):
         return hidden_states
 
 
-__all__ = ["PCAAResNetBackbone", "PCAAConvNormAct", "PCAACheckpointableLayer"]
+__all__ = ["PCAAResNetBackbone", "PCAAConvNormAct", "PCAAResidualBlock"]

@@ -1,14 +1,12 @@
 """Conversion of checkpoints written by the authors' PCAA training code (GitHub lsa1997/PCAA) to transformers folders."""
 
 import logging
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic_folders import write_folder_atomically
 from .configuration_pcaa import PCAAConfig
 from .label_sets import LABEL_SETS, label_maps
 from .modeling_pcaa import PCAAForSemanticSegmentation
@@ -134,9 +132,15 @@ def convert_original_state_dict(state_dict, model, dropout):
     if mismatched:
         problems.append(f"{len(mismatched)} key(s) with mismatched shapes:\n{_listing(mismatched)}")
     if problems:
+        hints = []
+        if not dropout and any(key.startswith("head.conv_seg.4.") for key in state_dict):
+            hints.append("its classifiers sit after a dropout layer: it was trained with --dropout")
+        if dropout and any(key.startswith("head.conv_seg.3.") for key in state_dict):
+            hints.append("its classifiers sit where they do without dropout: drop --dropout")
+        hint = f" ({'; '.join(hints)})" if hints else ""
         raise CheckpointMismatchError(
-            "The checkpoint does not match the requested architecture (check --backbone, --num-labels, --bins, "
-            "--multi-grid and --dropout):\n" + "\n".join(problems)
+            "The checkpoint does not match the requested architecture; check --backbone, --num-labels, the number of "
+            f"--bins grids and --dropout{hint}:\n" + "\n".join(problems)
         )
     return converted
 
@@ -162,37 +166,20 @@ def original_config(backbone, num_labels, bins, multi_grid, dropout, auxiliary_h
     )
 
 
-def write_folder_atomically(model, output, overwrite=False):
-    """`save_pretrained` into a temporary sibling folder, then move it into place: `output` is never half-written."""
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise FileExistsError(f"{output} exists and is not a folder.")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output} exists and is not empty; choose another --output or pass --overwrite.")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    previous = output.with_name(f".{output.name}.previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    try:
-        model.save_pretrained(staging)
-        if output.exists():
-            os.replace(output, previous)
-        os.replace(staging, output)
-    except BaseException:
-        if previous.exists() and not output.exists():
-            os.replace(previous, output)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
-    return output
-
-
 def convert_original_checkpoint(checkpoint, output, backbone, num_labels, bins, multi_grid=False, dropout=False,
                                 dataset=None, overwrite=False):
     """
-    Convert an authors' checkpoint into a `save_pretrained` folder and check that the folder reloads to the same
-    weights. Returns the loaded `PCAAForSemanticSegmentation`.
+    Convert an authors' checkpoint into a `save_pretrained` folder, written atomically and checked to reload with no
+    missing or unexpected keys and identical weights before it replaces anything. Returns the reloaded model.
     """
+    checkpoint, output = Path(checkpoint).resolve(), Path(output).resolve()
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output} exists and is not empty; choose another --output or pass --overwrite.")
+    if overwrite and checkpoint.is_relative_to(output):
+        raise ValueError(f"--overwrite would delete the checkpoint {checkpoint}, which lies inside --output {output}.")
+    if dataset == "ade20k" and not multi_grid:
+        logger.warning("The authors' ADE20K models were trained with --multi-grid; the weights cannot tell, so "
+                       "check that this one was not (pass --multi-grid otherwise).")
     state_dict = load_original_state_dict(checkpoint)
     auxiliary_head = any(key.startswith("dsn.") for key in state_dict)
     if not auxiliary_head:
@@ -200,13 +187,17 @@ def convert_original_checkpoint(checkpoint, output, backbone, num_labels, bins, 
     config = original_config(backbone, num_labels, bins, multi_grid, dropout, auxiliary_head, dataset)
     model = PCAAForSemanticSegmentation(config)
     model.load_state_dict(convert_original_state_dict(state_dict, model, dropout), strict=True)
-    write_folder_atomically(model.eval(), output, overwrite)
+    model.eval()
 
-    reloaded, info = PCAAForSemanticSegmentation.from_pretrained(output, output_loading_info=True)
-    if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
-        raise RuntimeError(f"{output} does not reload cleanly: {info}")
-    reloaded_state = reloaded.state_dict()
-    for key, value in model.state_dict().items():
-        if not torch.equal(reloaded_state[key], value):
-            raise RuntimeError(f"{output} reloads {key} with different values.")
-    return reloaded
+    def save_and_check(folder):
+        model.save_pretrained(folder)
+        reloaded, info = PCAAForSemanticSegmentation.from_pretrained(folder, output_loading_info=True)
+        if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
+            raise RuntimeError(f"The converted folder does not reload cleanly: {info}")
+        reloaded_state = reloaded.state_dict()
+        for key, value in model.state_dict().items():
+            if not torch.equal(reloaded_state[key], value):
+                raise RuntimeError(f"The converted folder reloads {key} with different values.")
+
+    write_folder_atomically(save_and_check, output, overwrite)
+    return PCAAForSemanticSegmentation.from_pretrained(output)

@@ -1,5 +1,7 @@
 """PCAA training losses: pixel cross-entropy (optionally OHEM), auxiliary cross-entropy, region focal loss."""
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
@@ -40,17 +42,19 @@ def ohem_cross_entropy(logits, labels, ignore_index, threshold, min_kept):
     return masked_mean(losses, keep)
 
 
+@lru_cache(maxsize=256)
 def adaptive_pool_windows(length, bins, device):
     """
     The windows of adaptive average pooling along one axis: window i covers [floor(i*L/b), ceil((i+1)*L/b)).
-    Returns every (position, window) membership as two 1-D tensors, and the window sizes (b,).
+    Returns every (position, window) membership as two 1-D tensors, and the window sizes (b,). Built once per size
+    on the CPU and cached, so the loss never syncs with the device for them.
     """
-    index = torch.arange(bins, device=device)
+    index = torch.arange(bins)
     starts = index * length // bins
     sizes = ((index + 1) * length + bins - 1) // bins - starts
     windows = torch.repeat_interleave(index, sizes)
-    offsets = torch.arange(windows.numel(), device=device) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
-    return starts[windows] + offsets, windows, sizes
+    offsets = torch.arange(windows.numel()) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
+    return (starts[windows] + offsets).to(device), windows.to(device), sizes.to(device)
 
 
 def region_class_fractions(labels, num_labels, grid, ignore_index):
@@ -74,7 +78,8 @@ def region_class_fractions(labels, num_labels, grid, ignore_index):
     # Sum the rows of each row window, (B, bh, bw, K).
     counts = row_counts.new_zeros(batch, grid[0], grid[1], num_labels)
     counts.index_add_(1, row_windows, row_counts[:, rows])
-    # Divide as adaptive_avg_pool2d does (by the window height, then width), so thresholds match to the last bit.
+    # Divide as adaptive_avg_pool2d's kernel does (by the window height, then width), so the 0 < f < threshold test
+    # sees the same float32 values.
     fractions = counts / row_sizes.view(1, -1, 1, 1).float() / col_sizes.view(1, 1, -1, 1).float()
     return fractions.permute(0, 3, 1, 2)
 

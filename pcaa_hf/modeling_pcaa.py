@@ -2,15 +2,18 @@
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from .backbone_pcaa import PCAAConvNormAct, PCAAResNetBackbone, is_batch_norm
+from .backbone_pcaa import PCAAConvNormAct, PCAAResNetBackbone, is_batch_norm, statistics_preserving_recomputation
 from .configuration_pcaa import PCAAConfig
 from .loss_pcaa import pcaa_loss
 
@@ -39,29 +42,37 @@ class PCAASemanticSegmenterOutput(SemanticSegmenterOutput):
     region_class_scores: tuple[torch.FloatTensor, ...] | None = None
 
 
+@dataclass(frozen=True)
 class RegionPartition:
     """
-    Partition of one axis of length L into b contiguous regions of at most r = ceil(L / b) positions: region i
-    holds [floor(i*L/b), floor((i+1)*L/b)). When b divides L this is the authors' equal split and no index is needed;
-    otherwise regions are padded to r positions by `gather` (repeating a position) and `valid` (b, r) marks the real
-    ones, and `scatter` (L,) finds each position's slot again.
+    Partition of one axis of length L into `bins` contiguous regions of at most `size` = ceil(L / bins) positions:
+    region i holds [floor(i*L/bins), floor((i+1)*L/bins)). When `bins` divides L this is the authors' equal split
+    and no index is needed (`even`); otherwise regions are padded to `size` positions by `gather` (repeating a
+    position), `valid` (bins, size) marks the real ones and `scatter` (L,) finds each position's slot again.
     """
 
-    def __init__(self, length, bins, device):
-        self.bins = bins
-        self.size = -(-length // bins)
-        self.even = length % bins == 0
-        if self.even:
-            self.valid = torch.ones(bins, self.size, dtype=torch.bool, device=device)
-            return
-        starts = torch.arange(bins, device=device) * length // bins
-        ends = (torch.arange(bins, device=device) + 1) * length // bins
-        positions = starts[:, None] + torch.arange(self.size, device=device)
-        self.valid = positions < ends[:, None]
-        self.gather = positions.clamp(max=length - 1).flatten()
-        is_real = self.valid.flatten()
-        self.scatter = torch.empty(length, dtype=torch.long, device=device)
-        self.scatter[self.gather[is_real]] = torch.arange(bins * self.size, device=device)[is_real]
+    bins: int
+    size: int
+    even: bool
+    valid: torch.Tensor
+    gather: torch.Tensor | None = None
+    scatter: torch.Tensor | None = None
+
+
+@lru_cache(maxsize=256)
+def region_partition(length, bins, device):
+    """The cached `RegionPartition` of an axis: built once per size on the CPU, so a forward pass never syncs."""
+    size = -(-length // bins)
+    if length % bins == 0:
+        return RegionPartition(bins, size, True, torch.ones(bins, size, dtype=torch.bool, device=device))
+    starts = torch.arange(bins) * length // bins
+    ends = (torch.arange(bins) + 1) * length // bins
+    positions = starts[:, None] + torch.arange(size)
+    valid = positions < ends[:, None]
+    gather = positions.clamp(max=length - 1).flatten()
+    scatter = torch.empty(length, dtype=torch.long)
+    scatter[gather[valid.flatten()]] = torch.arange(bins * size)[valid.flatten()]
+    return RegionPartition(bins, size, False, valid.to(device), gather.to(device), scatter.to(device))
 
 
 def split_regions(features, rows, cols):
@@ -147,8 +158,8 @@ class PCAAModule(nn.Module):
         class_activation = self.cam_classifier(self.cam_dropout(features))  # (B, K, H, W)
         region_class_scores = torch.sigmoid(F.adaptive_avg_pool2d(class_activation, self.grid))  # (B, K, bh, bw)
 
-        rows = RegionPartition(features.shape[2], self.grid[0], features.device)
-        cols = RegionPartition(features.shape[3], self.grid[1], features.device)
+        rows = region_partition(features.shape[2], self.grid[0], features.device)
+        cols = region_partition(features.shape[3], self.grid[1], features.device)
         valid = None if rows.even and cols.even else region_mask(rows, cols)
         pixel_activation = split_regions(class_activation, rows, cols)  # (B, N, P, K)
         pixels = split_regions(features, rows, cols)  # (B, N, P, C)
@@ -242,7 +253,18 @@ class PCAAPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
             init.zeros_(module.running_mean)
             init.ones_(module.running_var)
-            init.zeros_(module.num_batches_tracked)
+            if getattr(module, "num_batches_tracked", None) is not None:
+                init.zeros_(module.num_batches_tracked)
+
+    def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, every_n_layers=1):
+        # A plain checkpoint recomputes each layer in the backward pass and so updates its BatchNorm running
+        # statistics twice; recompute with throwaway statistics instead. Needs use_reentrant=False (the default).
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        for module in self.modules():
+            if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+                module._gradient_checkpointing_func = partial(
+                    gradient_checkpointing_func, context_fn=partial(statistics_preserving_recomputation, module)
+                )
 
 
 class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
@@ -319,13 +341,23 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
                 f"`pixel_values` must have shape (batch_size, {self.config.num_channels}, height, width), "
                 f"got {tuple(pixel_values.shape)}."
             )
-        if pixel_values.shape[0] == 0:
+        batch, _, height, width = pixel_values.shape
+        if batch == 0:
             raise ValueError("`pixel_values` is an empty batch.")
+        if height == 0 or width == 0:
+            raise ValueError(f"`pixel_values` has an empty image size {height}x{width}.")
+        feature_height, feature_width = (-(-size // self.config.output_stride) for size in (height, width))
+        if self.training and batch * feature_height * feature_width == 1:
+            raise ValueError(
+                f"Training normalises with batch statistics, which needs more than one value per channel: one "
+                f"{height}x{width} image gives a 1x1 feature map at output stride {self.config.output_stride}. Use a "
+                "larger input or batch, or call model.eval()."
+            )
         if labels is None:
             return None
-        if labels.ndim != 3 or labels.shape[0] != pixel_values.shape[0]:
+        if labels.ndim != 3 or labels.shape[0] != batch or labels.shape[1] == 0 or labels.shape[2] == 0:
             raise ValueError(
-                f"`labels` must have shape (batch_size={pixel_values.shape[0]}, height, width), "
+                f"`labels` must have shape (batch_size={batch}, height, width) with a non-empty size, "
                 f"got {tuple(labels.shape)}."
             )
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
@@ -338,7 +370,7 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
                 f"`labels` holds values outside [0, {num_labels}) that are not the ignore index {ignore_index}: "
                 f"{values}."
             )
-        return labels.long()
+        return labels.to(device=pixel_values.device, dtype=torch.long)
 
 
 __all__ = ["PCAAForSemanticSegmentation", "PCAAPreTrainedModel", "PCAASemanticSegmenterOutput"]

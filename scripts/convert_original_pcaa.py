@@ -11,7 +11,9 @@ import logging
 import re
 import sys
 
-from pcaa_hf.convert_original import ORIGINAL_BACKBONES, CheckpointMismatchError, convert_original_checkpoint
+from huggingface_hub.errors import StrictDataclassError
+
+from pcaa_hf.convert_original import ORIGINAL_BACKBONES, convert_original_checkpoint
 from pcaa_hf.label_sets import LABEL_SETS
 
 
@@ -45,7 +47,7 @@ def main(argv=None):
             args.checkpoint, args.output, args.backbone, args.num_labels, args.bins, multi_grid=args.multi_grid,
             dropout=args.dropout, dataset=args.dataset, overwrite=args.overwrite,
         )
-    except (CheckpointMismatchError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError, StrictDataclassError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     parameters = sum(p.numel() for p in model.parameters())

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pcaa_hf import PCAAForSemanticSegmentation
+from pcaa_hf.atomic_folders import write_folder_atomically
 from pcaa_hf.convert_original import (
     CheckpointMismatchError,
     convert_original_checkpoint,
@@ -91,7 +92,7 @@ def test_mismatches_are_refused_listing_every_key():
     assert "head.conv_seg.3.weight -> decode_head.classifier.weight: checkpoint (5, 64, 1, 1), model (7, 64, 1, 1)" in message
     assert "head.module_list.0.conv_cam.bias" in message
 
-    with pytest.raises(CheckpointMismatchError, match=r"head\.conv_seg\.4\.weight[\s\S]*decode_head\.classifier\.weight"):
+    with pytest.raises(CheckpointMismatchError, match=r"trained with --dropout[\s\S]*head\.conv_seg\.4\.weight"):
         convert_original_state_dict(authors_state_dict(source, dropout=True, prefix=""),
                                     PCAAForSemanticSegmentation(small_config(backbone_depth=34)), False)
 
@@ -155,6 +156,14 @@ def test_command_line_converts_a_resnet50_checkpoint_and_refuses_a_mismatch(tmp_
                              "--num-labels", "19")
     assert existing.returncode == 2 and "--overwrite" in existing.stderr
 
+    invalid = run_converter("--checkpoint", str(checkpoint), "--output", str(tmp_path / "invalid"), "--backbone",
+                            "resnet50", "--num-labels", "1")
+    assert invalid.returncode == 2 and "num_labels" in invalid.stderr and "Traceback" not in invalid.stderr
+
+    inside = run_converter("--checkpoint", str(checkpoint), "--output", str(tmp_path), "--backbone", "resnet50",
+                           "--num-labels", "19", "--overwrite")
+    assert inside.returncode == 2 and "would delete the checkpoint" in inside.stderr and checkpoint.is_file()
+
 
 def test_conversion_writes_atomically_and_keeps_existing_output_on_failure(tmp_path):
     output = tmp_path / "model"
@@ -166,3 +175,30 @@ def test_conversion_writes_atomically_and_keeps_existing_output_on_failure(tmp_p
         convert_original_checkpoint(bad, output, "resnet50", 19, [(4, 4)], overwrite=True)
     assert (output / "keep.txt").read_text() == "previous export"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_atomic_writer_keeps_the_previous_folder_when_the_new_one_fails_its_check(tmp_path):
+    output = tmp_path / "export"
+    output.mkdir()
+    (output / "model.safetensors").write_text("previous")
+
+    def write_then_fail(folder):
+        (folder / "model.safetensors").write_text("new")
+        raise RuntimeError("reload check failed")
+
+    with pytest.raises(RuntimeError, match="reload check failed"):
+        write_folder_atomically(write_then_fail, output, overwrite=True)
+    assert (output / "model.safetensors").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+    written = write_folder_atomically(lambda folder: (folder / "model.safetensors").write_text("new"), output,
+                                      overwrite=True)
+    assert (written / "model.safetensors").read_text() == "new"
+    assert oct(written.stat().st_mode & 0o777) == oct(0o777 & ~current_umask())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

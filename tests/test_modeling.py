@@ -182,6 +182,8 @@ def test_labels_at_another_resolution_and_int32():
         ((1, 1, 64, 64), None, None, "pixel_values"),
         ((1, 3, 64), None, None, "pixel_values"),
         ((0, 3, 64, 64), None, None, "empty batch"),
+        ((1, 3, 0, 64), None, None, "empty image size 0x64"),
+        ((1, 3, 64, 64), (1, 0, 64), 0, "non-empty size"),
         ((2, 3, 64, 64), (1, 64, 64), 0, "labels"),
         ((1, 3, 64, 64), (1, 64, 64), 7, r"outside \[0, 5\).*\[7\]"),
         ((1, 3, 64, 64), (1, 64, 64), -1, r"\[-1\]"),
@@ -192,6 +194,13 @@ def test_bad_inputs_get_clear_errors(pixel_shape, label_shape, label_value, mess
     labels = None if label_shape is None else torch.full(label_shape, label_value)
     with pytest.raises(ValueError, match=message):
         model(torch.randn(pixel_shape), labels=labels)
+
+
+def test_training_on_a_single_one_by_one_feature_map_is_refused_clearly():
+    model = PCAAForSemanticSegmentation(small_config()).train()
+    with pytest.raises(ValueError, match="one 8x8 image gives a 1x1 feature map"):
+        model(torch.randn(1, 3, 8, 8))
+    assert model(torch.randn(2, 3, 8, 8)).logits.shape[-2:] == (1, 1)
 
 
 def test_float_labels_are_refused():

@@ -85,6 +85,16 @@ def test_activation_checkpointing_gives_the_same_gradients_and_statistics():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_activation_checkpointing_every_n_layers_and_disable():
+    model = PCAAForSemanticSegmentation(small_config()).train()
+    blocks = [block for stage in model.backbone.stages for block in stage]
+    model.activation_checkpointing_enable(every_n_layers=2)
+    assert [block.gradient_checkpointing for block in blocks] == [True, False] * (len(blocks) // 2)
+    model(torch.randn(2, 3, 64, 64), labels=torch.zeros(2, 64, 64, dtype=torch.long)).loss.backward()
+    model.activation_checkpointing_disable()
+    assert not any(block.gradient_checkpointing for block in blocks)
+
+
 def test_activation_checkpointing_refuses_reentrant_mode_clearly():
     model = PCAAForSemanticSegmentation(small_config()).train()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
