@@ -43,11 +43,12 @@ def ohem_cross_entropy(logits, labels, ignore_index, threshold, min_kept):
 
 
 @lru_cache(maxsize=256)
+@torch.inference_mode(False)
 def adaptive_pool_windows(length, bins, device):
     """
     The windows of adaptive average pooling along one axis: window i covers [floor(i*L/b), ceil((i+1)*L/b)).
     Returns every (position, window) membership as two 1-D tensors, and the window sizes (b,). Built once per size
-    on the CPU and cached, so the loss never syncs with the device for them.
+    on the CPU, outside inference mode, and cached, so the loss never syncs with the device for them.
     """
     index = torch.arange(bins)
     starts = index * length // bins

@@ -60,8 +60,12 @@ class RegionPartition:
 
 
 @lru_cache(maxsize=256)
+@torch.inference_mode(False)
 def region_partition(length, bins, device):
-    """The cached `RegionPartition` of an axis: built once per size on the CPU, so a forward pass never syncs."""
+    """
+    The cached `RegionPartition` of an axis: built once per size on the CPU, so a forward pass never syncs (and
+    outside inference mode, so a partition first built during inference still serves training).
+    """
     size = -(-length // bins)
     if length % bins == 0:
         return RegionPartition(bins, size, True, torch.ones(bins, size, dtype=torch.bool, device=device))

@@ -146,6 +146,15 @@ def test_non_divisible_input_covers_the_whole_image():
     assert not torch.allclose(model(changed).logits[..., -1, -1], logits[..., -1, -1])
 
 
+def test_region_indices_cached_during_inference_still_serve_training():
+    model = PCAAForSemanticSegmentation(small_config()).eval()
+    pixel_values = torch.randn(2, 3, 75, 91)  # feature 10x12: uneven for the 4x4 grid
+    labels = torch.randint(0, 5, (2, 75, 91))
+    with torch.inference_mode():
+        model(pixel_values, labels=labels)
+    model.train()(pixel_values, labels=labels).loss.backward()
+
+
 def test_auxiliary_logits_only_when_training_or_given_labels():
     model = PCAAForSemanticSegmentation(small_config()).eval()
     pixel_values = torch.randn(1, 3, 64, 64)
