@@ -8,7 +8,8 @@ import torch
 
 from .atomic_folders import write_folder_atomically
 from .configuration_pcaa import PCAAConfig
-from .label_sets import LABEL_SETS, label_maps
+from .image_processing_pcaa import PCAAImageProcessor
+from .label_sets import IMAGE_PROCESSOR_SETTINGS, LABEL_SETS, label_maps
 from .modeling_pcaa import PCAAForSemanticSegmentation
 
 logger = logging.getLogger(__name__)
@@ -169,8 +170,9 @@ def original_config(backbone, num_labels, bins, multi_grid, dropout, auxiliary_h
 def convert_original_checkpoint(checkpoint, output, backbone, num_labels, bins, multi_grid=False, dropout=False,
                                 dataset=None, overwrite=False):
     """
-    Convert an authors' checkpoint into a `save_pretrained` folder, written atomically and checked to reload with no
-    missing or unexpected keys and identical weights before it replaces anything. Returns the reloaded model.
+    Convert an authors' checkpoint into a `save_pretrained` folder with its image processor (set up for `dataset`
+    when given), written atomically and checked to reload with no missing or unexpected keys and identical weights
+    before it replaces anything. Returns the reloaded model.
     """
     checkpoint, output = Path(checkpoint).resolve(), Path(output).resolve()
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -189,8 +191,11 @@ def convert_original_checkpoint(checkpoint, output, backbone, num_labels, bins, 
     model.load_state_dict(convert_original_state_dict(state_dict, model, dropout), strict=True)
     model.eval()
 
+    processor = PCAAImageProcessor(**IMAGE_PROCESSOR_SETTINGS.get(dataset, {}))
+
     def save_and_check(folder):
         model.save_pretrained(folder)
+        processor.save_pretrained(folder)
         reloaded, info = PCAAForSemanticSegmentation.from_pretrained(folder, output_loading_info=True)
         if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
             raise RuntimeError(f"The converted folder does not reload cleanly: {info}")

@@ -5,6 +5,13 @@ CITYSCAPES_LABELS = (
     "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )
 
+# The official Cityscapes table (cityscapesscripts' labels.py): label id -> train id, 255 for the ignored classes.
+CITYSCAPES_ID_TO_TRAIN_ID = {
+    0: 255, 1: 255, 2: 255, 3: 255, 4: 255, 5: 255, 6: 255, 7: 0, 8: 1, 9: 255, 10: 255, 11: 2, 12: 3, 13: 4, 14: 255,
+    15: 255, 16: 255, 17: 5, 18: 255, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15,
+    29: 255, 30: 255, 31: 16, 32: 17, 33: 18,
+}
+
 # ADE20K SceneParsing (ADEChallengeData2016) after "reduce labels": annotation value v > 0 is class v - 1.
 ADE20K_LABELS = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet", "sidewalk",
@@ -24,6 +31,13 @@ ADE20K_LABELS = (
 )
 
 LABEL_SETS = {"cityscapes": CITYSCAPES_LABELS, "ade20k": ADE20K_LABELS}
+
+# PCAAImageProcessor settings for each data set's raw files and the paper's evaluation: Cityscapes frames at full
+# resolution with gtFine label ids mapped to train ids; ADE20K images rescaled to fit 2048x512 with reduced labels.
+IMAGE_PROCESSOR_SETTINGS = {
+    "cityscapes": {"label_map": CITYSCAPES_ID_TO_TRAIN_ID},
+    "ade20k": {"do_resize": True, "size": {"longest_edge": 2048, "shortest_edge": 512}, "do_reduce_labels": True},
+}
 
 
 def label_maps(names):

@@ -27,14 +27,16 @@ def region_grid(text):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="the authors' .pth state dict (a `module.` prefix is fine)")
-    parser.add_argument("--output", required=True, help="folder to write (config.json + model.safetensors)")
+    parser.add_argument("--output", required=True,
+                        help="folder to write (config, model.safetensors, image processor and code files)")
     parser.add_argument("--backbone", required=True, choices=sorted(ORIGINAL_BACKBONES))
     parser.add_argument("--num-labels", required=True, type=int, help="number of classes (19 Cityscapes, 150 ADE20K)")
     parser.add_argument("--bins", nargs="+", type=region_grid, default=[(4, 4)], metavar="RxC",
                         help="region grid of each PCAA module, as the authors' --bin_h/--bin_w (default: 4x4)")
     parser.add_argument("--multi-grid", action="store_true", help="the model was trained with --multi-grid")
     parser.add_argument("--dropout", action="store_true", help="the model was trained with --dropout")
-    parser.add_argument("--dataset", choices=sorted(LABEL_SETS), help="also set the data set's class names")
+    parser.add_argument("--dataset", choices=sorted(LABEL_SETS),
+                        help="also set the data set's class names and its image processor settings")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output folder")
     return parser.parse_args(argv)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoImageProcessor
 
 from pcaa_hf import PCAAForSemanticSegmentation
 from pcaa_hf.atomic_folders import write_folder_atomically
@@ -141,6 +142,8 @@ def test_command_line_converts_a_resnet50_checkpoint_and_refuses_a_mismatch(tmp_
     assert (output / "model.safetensors").is_file() and not list(output.glob("*.bin"))
     converted = PCAAForSemanticSegmentation.from_pretrained(output)
     assert converted.config.id2label[0] == "road" and converted.config.id2label[18] == "bicycle"
+    processor = AutoImageProcessor.from_pretrained(output)
+    assert processor.label_map and int(processor.label_map["26"]) == 13 and not processor.do_resize
     pixel_values = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(converted(pixel_values).logits, source(pixel_values).logits)

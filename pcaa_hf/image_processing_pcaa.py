@@ -1,0 +1,213 @@
+"""Image processor for PCAA: RGB conversion, keep-ratio resize, ImageNet normalisation, label maps, post-processing."""
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ChannelDimension,
+    PILImageResampling,
+    SizeDict,
+)
+from transformers.processing_utils import ImagesKwargs, Unpack
+
+SIXTEEN_BIT_PIL_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class PCAAImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    do_reduce_labels (`bool`, *optional*, defaults to `self.do_reduce_labels`):
+        Map label 0 to 255 (ignored) and every other label l to l - 1, as for ADE20K annotations.
+    label_map (`dict[int, int]`, *optional*, defaults to `self.label_map`):
+        Replace label values before `do_reduce_labels` (e.g. Cityscapes label ids -> train ids); values that are not
+        keys are kept.
+    """
+
+    do_reduce_labels: bool
+    label_map: dict[int, int] | dict[str, int] | None
+
+
+def keep_ratio_size(height, width, longest_edge, shortest_edge):
+    """
+    The size (height, width) of an image rescaled, keeping its aspect ratio, to the largest size whose long side is at
+    most `longest_edge` and short side at most `shortest_edge` (up or down), rounded as mmsegmentation's
+    `Resize(scale=(longest_edge, shortest_edge), keep_ratio=True)` and the authors' code do.
+    """
+    scale = min(longest_edge / max(height, width), shortest_edge / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def to_eight_bit(image):
+    """
+    16-bit images (PIL "I;16"/"I" modes, uint16 arrays) rounded to 8 bits (v / 257), the precision the model works
+    at, and 2-D integer arrays (grayscale) as PIL images, whose layout transformers need not guess. Other images are
+    returned unchanged.
+    """
+    if isinstance(image, PIL.Image.Image):
+        if image.mode not in SIXTEEN_BIT_PIL_MODES:
+            return image
+        image = np.asarray(image).astype(np.uint16)
+    elif isinstance(image, torch.Tensor):
+        image = image.numpy()
+    if not isinstance(image, np.ndarray):
+        return image
+    if image.dtype == np.uint16:
+        image = np.round(image / 257.0).astype(np.uint8)
+    if image.ndim == 2:
+        return PIL.Image.fromarray(image) if image.dtype == np.uint8 else image[..., None]
+    return image
+
+
+class PCAAImageProcessor(PilBackend):
+    r"""
+    Prepares images (and optionally segmentation maps) for [`PCAAForSemanticSegmentation`], without torchvision.
+
+    Images are converted to RGB (grayscale repeated; transparency composited on white; 16-bit images rounded to
+    8 bits), optionally resized, rescaled to [0, 1] and normalised with the ImageNet mean and std. The model
+    accepts any size, so resizing is off by default (the paper evaluates Cityscapes at full resolution).
+
+    `size` either fixes the output size (`{"height": h, "width": w}`) or, with `{"longest_edge": L,
+    "shortest_edge": S}`, rescales keeping the aspect ratio as mmsegmentation's `Resize(scale=(L, S),
+    keep_ratio=True)` (the paper's ADE20K evaluation: L=2048, S=512). Images are resized bilinearly without
+    antialiasing (as OpenCV's INTER_LINEAR, which the authors use), segmentation maps with nearest neighbour.
+
+    Segmentation maps pass through `label_map` and then `do_reduce_labels`, and come back as int64 `labels`.
+    """
+
+    valid_kwargs = PCAAImageProcessorKwargs
+    model_input_names = ["pixel_values"]
+    resample = PILImageResampling.BILINEAR
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    size = {"longest_edge": 2048, "shortest_edge": 1024}
+    do_resize = False
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    do_convert_rgb = True
+    do_reduce_labels = False
+    label_map = None
+
+    def __init__(self, **kwargs: Unpack[PCAAImageProcessorKwargs]):
+        super().__init__(**kwargs)
+
+    def preprocess(self, images, segmentation_maps=None, **kwargs: Unpack[PCAAImageProcessorKwargs]) -> BatchFeature:
+        r"""
+        segmentation_maps (`ImageInput`, *optional*):
+            One label map per image, of the image's size (PIL "L"/"P"/"I;16" images or 2-D integer arrays).
+        """
+        if images is None or (isinstance(images, (list, tuple)) and len(images) == 0):
+            raise ValueError("No images were given: pass at least one image.")
+        if isinstance(images, (list, tuple)):
+            images = [to_eight_bit(image) for image in images]
+        else:
+            images = to_eight_bit(images)
+        return super().preprocess(images, segmentation_maps, **kwargs)
+
+    def _preprocess_image_like_inputs(self, images, segmentation_maps, do_convert_rgb, input_data_format,
+                                      return_tensors, **kwargs) -> BatchFeature:
+        images = self._prepare_image_like_inputs(images=images, do_convert_rgb=do_convert_rgb,
+                                                 input_data_format=input_data_format)
+        image_sizes = [image.shape[-2:] for image in images]
+        data = {"pixel_values": self._preprocess(images, **{**kwargs, "is_label_map": False})}
+
+        if segmentation_maps is not None:
+            maps = self._prepare_image_like_inputs(images=segmentation_maps, expected_ndims=2, do_convert_rgb=False,
+                                                   input_data_format=ChannelDimension.FIRST)
+            if len(maps) != len(images):
+                raise ValueError(f"Got {len(images)} images but {len(maps)} segmentation maps: give one map per image.")
+            for index, (label_map, image_size) in enumerate(zip(maps, image_sizes)):
+                if label_map.shape[-2:] != image_size:
+                    raise ValueError(
+                        f"Segmentation map {index} has size {tuple(label_map.shape[-2:])} but its image has size "
+                        f"{tuple(image_size)} (height, width)."
+                    )
+            maps = self._preprocess(maps, **{**kwargs, "is_label_map": True, "resample": PILImageResampling.NEAREST})
+            data["labels"] = [label_map.squeeze(0).astype(np.int64) for label_map in maps]
+
+        if return_tensors is not None and len({tuple(image.shape) for image in data["pixel_values"]}) > 1:
+            sizes = sorted({tuple(image.shape[-2:]) for image in data["pixel_values"]})
+            raise ValueError(
+                f"Cannot stack images of different sizes {sizes} into one tensor: resize them to a fixed size "
+                "(do_resize=True, size={'height': h, 'width': w}) or process them one at a time."
+            )
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _preprocess(self, images, is_label_map, do_resize, size, resample, do_rescale, rescale_factor, do_normalize,
+                    image_mean, image_std, do_reduce_labels=False, label_map=None, **kwargs) -> list[np.ndarray]:
+        processed = []
+        for image in images:
+            if is_label_map:
+                if label_map:
+                    image = self.apply_label_map(image, label_map)
+                if do_reduce_labels:
+                    image = self.reduce_label(image)
+            if do_resize:
+                image = self.resize(image, size, resample)
+            if not is_label_map:
+                if do_rescale:
+                    image = self.rescale(image, rescale_factor)
+                if do_normalize:
+                    image = self.normalize(image, image_mean, image_std)
+                image = image.astype(np.float32, copy=False)
+            processed.append(image)
+        return processed
+
+    def resize(self, image: np.ndarray, size: SizeDict, resample=None, **kwargs) -> np.ndarray:
+        """Resize a channels-first array to `size` (fixed, or keep-ratio with longest/shortest edge)."""
+        height, width = image.shape[-2:]
+        if size.longest_edge and size.shortest_edge:
+            target = keep_ratio_size(height, width, size.longest_edge, size.shortest_edge)
+        elif size.height and size.width:
+            target = (size.height, size.width)
+        else:
+            raise ValueError(f"`size` needs 'height' and 'width', or 'longest_edge' and 'shortest_edge'; got {size}.")
+        if target == (height, width):
+            return image
+        nearest = resample == PILImageResampling.NEAREST
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0).float()
+        if nearest:
+            resized = F.interpolate(tensor, size=target, mode="nearest")
+        else:
+            resized = F.interpolate(tensor, size=target, mode="bilinear", align_corners=False, antialias=False)
+        resized = resized[0].numpy()
+        return resized.astype(image.dtype) if nearest else resized
+
+    @staticmethod
+    def apply_label_map(label, label_map):
+        """Replace label values by a lookup table; values that are not keys of `label_map` are kept."""
+        mapping = {int(old): int(new) for old, new in label_map.items() if int(old) >= 0}
+        table = np.arange(max(int(label.max()), max(mapping, default=0)) + 1, dtype=np.int64)
+        table[list(mapping)] = list(mapping.values())
+        return table[label.astype(np.int64)]
+
+    @staticmethod
+    def reduce_label(label):
+        """0 -> 255 (ignored), l -> l - 1 otherwise (255 stays 255)."""
+        label = label.astype(np.int64)
+        return np.where(label == 0, 255, np.where(label == 255, 255, label - 1))
+
+    def post_process_semantic_segmentation(self, outputs, target_sizes=None) -> list[torch.Tensor]:
+        """
+        Class-id maps from [`PCAAForSemanticSegmentation`] outputs: one (height, width) `torch.LongTensor` per image,
+        the logits bilinearly resized (align_corners=False) to `target_sizes[i]` (height, width) when given, then
+        argmax over classes. Without `target_sizes`, the maps stay at the logits' resolution.
+        """
+        logits = outputs.logits
+        if target_sizes is not None and len(target_sizes) != logits.shape[0]:
+            raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {logits.shape[0]} images.")
+        segmentations = []
+        for index in range(logits.shape[0]):
+            image_logits = logits[index : index + 1]
+            if target_sizes is not None:
+                target = tuple(int(s) for s in target_sizes[index])
+                image_logits = F.interpolate(image_logits.float(), size=target, mode="bilinear", align_corners=False)
+            segmentations.append(image_logits[0].argmax(dim=0))
+        return segmentations
+
+
+__all__ = ["PCAAImageProcessor", "keep_ratio_size"]
