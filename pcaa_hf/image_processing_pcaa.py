@@ -1,7 +1,11 @@
 """Image processor for PCAA: RGB conversion, keep-ratio resize, ImageNet normalisation, label maps, post-processing."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_backends import PilBackend
@@ -41,6 +45,31 @@ def keep_ratio_size(height, width, longest_edge, shortest_edge):
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+def open_image(source):
+    """
+    A local image path opened with PIL as stored (EXIF orientation applied, no mode conversion, so 16-bit and alpha
+    survive until `to_eight_bit` and RGB conversion); anything else is returned unchanged (URLs are left to
+    transformers).
+    """
+    if not isinstance(source, (str, os.PathLike)) or str(source).startswith(("http://", "https://")):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image {path} does not exist.")
+    try:
+        with PIL.Image.open(path) as image:
+            return PIL.ImageOps.exif_transpose(image) or image.copy()
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"Cannot read image {path}: {error}") from error
+
+
+def standardise_images(images):
+    """`open_image` then `to_eight_bit` on every image of a (possibly nested) list, or on a single image."""
+    if isinstance(images, (list, tuple)):
+        return [standardise_images(image) for image in images]
+    return to_eight_bit(open_image(images))
+
+
 def to_eight_bit(image):
     """
     16-bit images (PIL "I;16"/"I" modes, uint16 arrays) rounded to 8 bits (v / 257), the precision the model works
@@ -50,7 +79,7 @@ def to_eight_bit(image):
     if isinstance(image, PIL.Image.Image):
         if image.mode not in SIXTEEN_BIT_PIL_MODES:
             return image
-        image = np.asarray(image).astype(np.uint16)
+        image = np.clip(np.asarray(image), 0, 65535).astype(np.uint16)
     elif isinstance(image, torch.Tensor):
         image = image.numpy()
     if not isinstance(image, np.ndarray):
@@ -76,6 +105,8 @@ class PCAAImageProcessor(PilBackend):
     antialiasing (as OpenCV's INTER_LINEAR, which the authors use), segmentation maps with nearest neighbour.
 
     Segmentation maps pass through `label_map` and then `do_reduce_labels`, and come back as int64 `labels`.
+    Local image paths are opened as stored (transformers' own loader would convert 16-bit and RGBA images to RGB by
+    clipping and dropping alpha).
     """
 
     valid_kwargs = PCAAImageProcessorKwargs
@@ -100,12 +131,16 @@ class PCAAImageProcessor(PilBackend):
         segmentation_maps (`ImageInput`, *optional*):
             One label map per image, of the image's size (PIL "L"/"P"/"I;16" images or 2-D integer arrays).
         """
-        if images is None or (isinstance(images, (list, tuple)) and len(images) == 0):
+        empty_list = isinstance(images, (list, tuple)) and len(images) == 0
+        empty_array = isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4 and images.shape[0] == 0
+        if images is None or empty_list or empty_array:
             raise ValueError("No images were given: pass at least one image.")
-        if isinstance(images, (list, tuple)):
-            images = [to_eight_bit(image) for image in images]
-        else:
-            images = to_eight_bit(images)
+        unsupported = [name for name in ("do_pad", "do_center_crop") if kwargs.get(name, getattr(self, name, None))]
+        if unsupported:
+            raise ValueError(f"PCAAImageProcessor does not support {unsupported}: the model takes any image size.")
+        if ChannelDimension(kwargs.get("data_format") or ChannelDimension.FIRST) != ChannelDimension.FIRST:
+            raise ValueError("PCAAImageProcessor returns channels-first pixel values only (the model's layout).")
+        images = standardise_images(images)
         return super().preprocess(images, segmentation_maps, **kwargs)
 
     def _preprocess_image_like_inputs(self, images, segmentation_maps, do_convert_rgb, input_data_format,
@@ -119,8 +154,16 @@ class PCAAImageProcessor(PilBackend):
             maps = self._prepare_image_like_inputs(images=segmentation_maps, expected_ndims=2, do_convert_rgb=False,
                                                    input_data_format=ChannelDimension.FIRST)
             if len(maps) != len(images):
-                raise ValueError(f"Got {len(images)} images but {len(maps)} segmentation maps: give one map per image.")
+                raise ValueError(
+                    f"Got {len(images)} images but {len(maps)} segmentation maps: give one single-channel map per "
+                    "image (a 3-D array counts as a batch of 2-D maps)."
+                )
             for index, (label_map, image_size) in enumerate(zip(maps, image_sizes)):
+                if label_map.ndim != 3 or label_map.shape[0] != 1:
+                    raise ValueError(
+                        f"Segmentation map {index} has shape {tuple(label_map.shape)}: label maps must be "
+                        "single-channel (height, width) images of class ids."
+                    )
                 if label_map.shape[-2:] != image_size:
                     raise ValueError(
                         f"Segmentation map {index} has size {tuple(label_map.shape[-2:])} but its image has size "
@@ -161,29 +204,38 @@ class PCAAImageProcessor(PilBackend):
         """Resize a channels-first array to `size` (fixed, or keep-ratio with longest/shortest edge)."""
         height, width = image.shape[-2:]
         if size.longest_edge and size.shortest_edge:
-            target = keep_ratio_size(height, width, size.longest_edge, size.shortest_edge)
+            scale = (max(size.longest_edge, size.shortest_edge), min(size.longest_edge, size.shortest_edge))
+            target = keep_ratio_size(height, width, *scale)
         elif size.height and size.width:
             target = (size.height, size.width)
         else:
             raise ValueError(f"`size` needs 'height' and 'width', or 'longest_edge' and 'shortest_edge'; got {size}.")
+        modes = {PILImageResampling.NEAREST: "nearest", PILImageResampling.BILINEAR: "bilinear",
+                 PILImageResampling.BICUBIC: "bicubic"}
+        resample = PILImageResampling.BILINEAR if resample is None else PILImageResampling(resample)
+        if resample not in modes:
+            raise ValueError(f"`resample` must be NEAREST, BILINEAR or BICUBIC, got {resample!r}.")
         if target == (height, width):
             return image
-        nearest = resample == PILImageResampling.NEAREST
         tensor = torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0).float()
-        if nearest:
-            resized = F.interpolate(tensor, size=target, mode="nearest")
-        else:
-            resized = F.interpolate(tensor, size=target, mode="bilinear", align_corners=False, antialias=False)
-        resized = resized[0].numpy()
-        return resized.astype(image.dtype) if nearest else resized
+        if resample == PILImageResampling.NEAREST:
+            return F.interpolate(tensor, size=target, mode="nearest")[0].numpy().astype(image.dtype)
+        resized = F.interpolate(tensor, size=target, mode=modes[resample], align_corners=False, antialias=False)
+        return resized[0].numpy()
 
     @staticmethod
     def apply_label_map(label, label_map):
-        """Replace label values by a lookup table; values that are not keys of `label_map` are kept."""
-        mapping = {int(old): int(new) for old, new in label_map.items() if int(old) >= 0}
-        table = np.arange(max(int(label.max()), max(mapping, default=0)) + 1, dtype=np.int64)
-        table[list(mapping)] = list(mapping.values())
-        return table[label.astype(np.int64)]
+        """Replace label values by `label_map`; values that are not keys are kept (negative keys work too)."""
+        mapping = {int(old): int(new) for old, new in label_map.items()}
+        if label.dtype in (np.uint8, np.uint16):  # a lookup table over every possible value is small and fast
+            table = np.arange(np.iinfo(label.dtype).max + 1, dtype=np.int64)
+            for old, new in mapping.items():
+                if 0 <= old < len(table):
+                    table[old] = new
+            return table[label]
+        values, inverse = np.unique(label, return_inverse=True)
+        mapped = np.array([mapping.get(int(value), int(value)) for value in values], dtype=np.int64)
+        return mapped[inverse].reshape(label.shape)
 
     @staticmethod
     def reduce_label(label):

@@ -13,10 +13,14 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers.utils import logging as transformers_logging
 
 from .backbone_pcaa import PCAAConvNormAct, PCAAResNetBackbone, is_batch_norm, statistics_preserving_recomputation
 from .configuration_pcaa import PCAAConfig
 from .loss_pcaa import pcaa_loss
+
+
+logger = transformers_logging.get_logger(__name__)
 
 
 class HidePipelineModelCheckError(logging.Filter):
@@ -334,6 +338,12 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         labels = self._check_inputs(pixel_values, labels)
+        if self.training and labels is None and not torch.is_grad_enabled():
+            logger.warning_once(
+                "PCAAForSemanticSegmentation runs in training mode without gradients or labels: BatchNorm normalises "
+                "with batch statistics and updates its running ones. Call model.eval() for inference (pipelines "
+                "do not; pcaa_hf.PCAASegmentationPipeline does)."
+            )
 
         hidden_states = self.backbone(pixel_values)
         logits, region_class_scores = self.decode_head(hidden_states[-1])

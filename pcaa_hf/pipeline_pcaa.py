@@ -1,15 +1,27 @@
 """The image-segmentation pipeline for PCAA."""
 
+from transformers.image_utils import load_image
 from transformers.pipelines import ImageSegmentationPipeline
+
+from .image_processing_pcaa import open_image
 
 
 class PCAASegmentationPipeline(ImageSegmentationPipeline):
     """
     `ImageSegmentationPipeline` that puts the model in eval mode (the stock pipeline leaves a model in training mode,
-    where BatchNorm would update its statistics on every call). Use it as
-    `pipeline("image-segmentation", model=model, image_processor=processor, pipeline_class=PCAASegmentationPipeline)`.
+    where BatchNorm would update its statistics on every call) and hands images to the processor as stored (the stock
+    pipeline converts them to RGB first, clipping 16-bit values and dropping transparency). Use it as
+    `pipeline("image-segmentation", model=..., image_processor=..., pipeline_class=PCAASegmentationPipeline)`.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.model.eval()
+
+    def preprocess(self, image, subtask=None, timeout=None):
+        image = open_image(image)
+        if isinstance(image, str):  # a URL or base64 string: transformers' loader fetches it
+            image = load_image(image, timeout=timeout)
+        inputs = self.image_processor(images=[image], return_tensors="pt").to(self.dtype)
+        inputs["target_size"] = [(image.height, image.width)]
+        return inputs

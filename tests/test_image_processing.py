@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoImageProcessor
+from transformers.image_utils import PILImageResampling
 
 from pcaa_hf import PCAAForSemanticSegmentation, PCAAImageProcessor
 from pcaa_hf.image_processing_pcaa import keep_ratio_size
@@ -65,6 +66,7 @@ def test_grayscale_rgba_and_16_bit_inputs_become_rgb():
         (375, 500, (2048, 512), (512, 683)),  # scale min(2048/500, 512/375) = 1.365..., 500 * 1.365 = 682.7
         (1024, 2048, (2048, 512), (512, 1024)),
         (300, 4000, (2048, 512), (154, 2048)),  # the long side binds
+        (1024, 1365, (2048, 512), (512, 683)),  # 682.5 rounds half up, as mmcv's int(x + 0.5)
     ],
 )
 def test_keep_ratio_size_follows_mmsegmentation(height, width, scale, expected):
@@ -86,6 +88,15 @@ def test_keep_ratio_resize_of_images_and_maps():
 
     fixed = PCAAImageProcessor(do_resize=True, size={"height": 64, "width": 32})
     assert fixed(image, return_tensors="pt")["pixel_values"].shape == (1, 3, 64, 32)
+    swapped = PCAAImageProcessor(do_resize=True, size={"longest_edge": 512, "shortest_edge": 2048})
+    assert swapped(image, return_tensors="pt")["pixel_values"].shape == (1, 3, 512, 683)  # mmseg takes max/min
+
+    bicubic = PCAAImageProcessor(do_resize=True, size={"height": 64, "width": 32}, resample=PILImageResampling.BICUBIC)
+    assert not torch.equal(bicubic(image, return_tensors="pt")["pixel_values"],
+                           fixed(image, return_tensors="pt")["pixel_values"])
+    with pytest.raises(ValueError, match="NEAREST, BILINEAR or BICUBIC"):
+        PCAAImageProcessor(do_resize=True, size={"height": 64, "width": 32}, resample=PILImageResampling.LANCZOS)(
+            image)
 
 
 def test_reduce_labels_and_label_map():
@@ -98,6 +109,10 @@ def test_reduce_labels_and_label_map():
     cityscapes = PCAAImageProcessor(label_map=CITYSCAPES_ID_TO_TRAIN_ID)
     labels = cityscapes(np.zeros((2, 6, 3), np.uint8), segmentation_maps=ids, return_tensors="pt")["labels"]
     assert labels.dtype == torch.int64 and labels[0].tolist() == [[0, 13, 255, 18, 255, 200]] * 2
+
+    wide = np.array([[-1, 7, 2**31 - 1]] * 2, dtype=np.int64)  # no wrap-around, no table of 2**31 entries
+    mapped = PCAAImageProcessor(label_map={-1: 255, 7: 0})(np.zeros((2, 3, 3), np.uint8), segmentation_maps=wide)
+    assert mapped["labels"][0].tolist() == [[255, 0, 2**31 - 1]] * 2
 
     both = PCAAImageProcessor(label_map={5: 0}, do_reduce_labels=True)  # the map first, then the reduction
     result = both(np.zeros((2, 2, 3), np.uint8), segmentation_maps=np.array([[5, 1]] * 2, np.uint8))
@@ -143,6 +158,29 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="different sizes"):
         processor([image, np.zeros((8, 12, 3), np.uint8)], return_tensors="pt")
     assert len(processor([image, np.zeros((8, 12, 3), np.uint8)])["pixel_values"]) == 2  # fine as a list
+    with pytest.raises(ValueError, match="No images were given"):
+        processor(np.zeros((0, 10, 12, 3), np.uint8))
+    with pytest.raises(ValueError, match="single-channel"):
+        processor(image, segmentation_maps=PIL.Image.new("RGB", (12, 10)))
+    with pytest.raises(ValueError, match="1 images but 10 segmentation maps.*single-channel"):
+        processor(image, segmentation_maps=np.zeros((10, 12, 3), np.uint8))
+    for setting in ({"do_pad": True}, {"do_center_crop": True, "crop_size": {"height": 4, "width": 4}},
+                    {"data_format": "channels_last"}):
+        with pytest.raises(ValueError, match="does not support|channels-first"):
+            processor(image, **setting)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        processor("/nonexistent/missing.png")
+
+
+def test_paths_are_opened_without_losing_16_bit_depth_or_alpha(tmp_path):
+    processor = PCAAImageProcessor()
+    sixteen = PIL.Image.fromarray((np.arange(20 * 30).reshape(20, 30) * 100).astype(np.uint16))
+    rgba = PIL.Image.fromarray(np.random.default_rng(3).integers(0, 255, (20, 30, 4), dtype=np.uint8))
+    for name, image in (("deep.png", sixteen), ("alpha.png", rgba)):
+        image.save(tmp_path / name)
+        from_path = processor(str(tmp_path / name), return_tensors="pt")["pixel_values"]
+        from_object = processor(image, return_tensors="pt")["pixel_values"]
+        assert torch.equal(from_path, from_object), name
 
 
 def test_labels_outside_the_label_set_are_refused_by_the_model():
@@ -158,7 +196,8 @@ def test_images_smaller_than_the_stride_work():
     """Documented behaviour: any size works; a 3x5 image gives 1x1 logits and a 3x5 class map."""
     processor = PCAAImageProcessor()
     model = PCAAForSemanticSegmentation(small_config()).eval()
-    inputs = processor(np.zeros((3, 5, 3), np.uint8), return_tensors="pt")
+    inputs = processor(PIL.Image.new("RGB", (5, 3)), return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 3, 5)
     with torch.no_grad():
         outputs = model(**inputs)
     assert outputs.logits.shape[-2:] == (1, 1)

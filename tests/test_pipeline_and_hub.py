@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
 from transformers.utils import hub as transformers_hub
+from transformers.utils import logging as transformers_logging
 
 from pcaa_hf import PCAAForSemanticSegmentation, PCAAImageProcessor, PCAASegmentationPipeline
 
@@ -98,9 +99,11 @@ def test_pipeline_from_a_folder(saved_folder, model_and_processor, image, transf
 def test_pipeline_from_objects_and_a_batch(model_and_processor, image, transformers_log):
     model, processor = model_and_processor
     segmenter = pipeline("image-segmentation", model=model, image_processor=processor)
-    results = segmenter([image, image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)])
+    flipped = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+    results = segmenter([image, flipped])
     assert len(results) == 2
     check_pipeline_result(results[0], expected_class_map(model, processor, image))
+    check_pipeline_result(results[1], expected_class_map(model, processor, flipped))
     assert not [m for m in transformers_log if "not supported" in m]
 
 
@@ -113,6 +116,30 @@ def test_pcaa_pipeline_class_puts_the_model_in_eval_mode(model_and_processor, im
     assert not model.training
     check_pipeline_result(segmenter(image), expected_class_map(model, processor, image))
     assert torch.equal(model.backbone.stem[0].norm.running_mean, statistics)
+
+
+def test_pcaa_pipeline_keeps_16_bit_depth_and_alpha(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    segmenter = pipeline("image-segmentation", model=model, image_processor=processor,
+                         pipeline_class=PCAASegmentationPipeline)
+    deep = PIL.Image.fromarray((np.random.default_rng(4).random((40, 56)) * 65535).astype(np.uint16))
+    alpha = PIL.Image.fromarray(np.random.default_rng(5).integers(0, 255, (40, 56, 4), dtype=np.uint8))
+    for index, image in enumerate((deep, alpha)):
+        image.save(tmp_path / f"{index}.png")
+        for source in (image, str(tmp_path / f"{index}.png")):
+            check_pipeline_result(segmenter(source), expected_class_map(model, processor, image))
+
+
+def test_a_model_left_in_training_mode_is_reported(model_and_processor, image):
+    model, processor = model_and_processor
+    handler = Records()
+    logging.getLogger("pcaa_hf").addHandler(handler)
+    transformers_logging.get_logger("pcaa_hf.modeling_pcaa").warning_once.cache_clear()
+    try:
+        pipeline("image-segmentation", model=model.train(), image_processor=processor)(image)
+    finally:
+        logging.getLogger("pcaa_hf").removeHandler(handler)
+    assert any("Call model.eval()" in message for message in handler.messages)
 
 
 def test_saved_folder_carries_code_and_auto_map(saved_folder):
