@@ -1,0 +1,86 @@
+"""Measurements behind scripts/benchmark.py: the training data pipeline against an OpenCV pipeline doing the same steps."""
+
+import time
+
+import numpy as np
+
+from .image_processing_pcaa import keep_ratio_size
+from .transforms import IGNORE_INDEX, TrainTransform
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def opencv_train_transform(cv2, image, label, rng, base_size=(2048, 1024), crop_size=(768, 768)):
+    """
+    The authors' training pipeline step by step with OpenCV, as their data loader runs it: rescale the whole image,
+    crop (cat_max_ratio 0.75, 10 tries), flip, photometric distortion in 8-bit HSV, normalise, pad, transpose.
+    """
+    ratio = rng.uniform(0.5, 2.0)
+    scale = (int(base_size[0] * ratio), int(base_size[1] * ratio))
+    height, width = keep_ratio_size(*label.shape, max(scale), min(scale))
+    image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    label = cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST)
+
+    crop_w, crop_h = crop_size
+    margin_h, margin_w = max(height - crop_h, 0), max(width - crop_w, 0)
+    top, left = rng.integers(0, margin_h + 1), rng.integers(0, margin_w + 1)
+    for _ in range(10):
+        values, counts = np.unique(label[top: top + crop_h, left: left + crop_w], return_counts=True)
+        counts = counts[values != IGNORE_INDEX]
+        if len(counts) > 1 and counts.max() / counts.sum() < 0.75:
+            break
+        top, left = rng.integers(0, margin_h + 1), rng.integers(0, margin_w + 1)
+    image, label = image[top: top + crop_h, left: left + crop_w], label[top: top + crop_h, left: left + crop_w]
+    if rng.integers(2):
+        image, label = np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(label[:, ::-1])
+
+    def scaled(array, alpha=1.0, beta=0.0):
+        return np.clip(array.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    if rng.integers(2):
+        image = scaled(image, beta=rng.uniform(-32, 32))
+    contrast_first = rng.integers(2)
+    if contrast_first and rng.integers(2):
+        image = scaled(image, alpha=rng.uniform(0.5, 1.5))
+    if rng.integers(2):
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        hsv[..., 1] = scaled(hsv[..., 1], alpha=rng.uniform(0.5, 1.5))
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if rng.integers(2):
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = (hsv[..., 0].astype(int) + rng.integers(-18, 18)) % 180
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if not contrast_first and rng.integers(2):
+        image = scaled(image, alpha=rng.uniform(0.5, 1.5))
+
+    image = (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    pad_h, pad_w = crop_h - image.shape[0], crop_w - image.shape[1]
+    if pad_h > 0 or pad_w > 0:
+        image = cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=(0.0, 0.0, 0.0))
+        label = cv2.copyMakeBorder(label, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=(IGNORE_INDEX,))
+    return np.ascontiguousarray(image.transpose(2, 0, 1)), label.astype(np.int64)
+
+
+def images_per_second(function, samples, repeats):
+    start = time.perf_counter()
+    for index in range(repeats):
+        function(*samples[index % len(samples)])
+    return repeats / (time.perf_counter() - start)
+
+
+def benchmark_train_transform(samples, repeats=40, seed=0):
+    """
+    Images/s of our training transform and of the OpenCV pipeline on the same decoded (image, label) samples, on
+    whatever threads the caller allows (scripts/benchmark.py pins one). Returns a dict of the figures.
+    """
+    import cv2
+
+    transform = TrainTransform(seed=seed)
+    rng = np.random.default_rng(seed)
+    ours = images_per_second(lambda image, label: transform.augment(image, label, rng), samples, repeats)
+    opencv_rng = np.random.default_rng(seed)
+    theirs = images_per_second(lambda image, label: opencv_train_transform(cv2, image, label, opencv_rng), samples,
+                               repeats)
+    return {"pcaa_hf_images_per_second": ours, "opencv_images_per_second": theirs, "speedup": ours / theirs,
+            "opencv_version": cv2.__version__}
