@@ -84,3 +84,20 @@ def benchmark_train_transform(samples, repeats=40, seed=0):
                                repeats)
     return {"pcaa_hf_images_per_second": ours, "opencv_images_per_second": theirs, "speedup": ours / theirs,
             "opencv_version": cv2.__version__}
+
+
+def machine_description():
+    """CPU model, core count and library versions, for the record next to the figures."""
+    import os
+    import platform
+
+    import torch
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__}

@@ -245,8 +245,19 @@ def load_segmentation_dataset(path, image_column="image", label_column="label", 
 
 
 def read_id2label(id2label, local_folder):
+    """Label names from a dict, a JSON file, or the data set's own `id2label.json` (beside it, or in its Hub repo)."""
     if isinstance(id2label, dict):
         return {int(k): v for k, v in id2label.items()}
+    if id2label is None and not local_folder.exists():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            id2label = hf_hub_download(str(local_folder), "id2label.json", repo_type="dataset")
+        except Exception as error:
+            raise FileNotFoundError(
+                f"No label names: {local_folder} has no id2label.json on the Hub ({error}). Pass id2label as a dict "
+                "or the path of a JSON file."
+            ) from error
     candidate = Path(id2label) if id2label is not None else local_folder / "id2label.json"
     if not candidate.is_file():
         raise FileNotFoundError(

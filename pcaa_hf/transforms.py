@@ -38,42 +38,64 @@ def nearest_indices(source_length, target_length, start, stop):
 def resized_crop(image, size, top, left, height, width):
     """
     Rows [top, top+height) and columns [left, left+width) of `image` (H, W, C) uint8 resized bilinearly to `size`
-    (h, w), computed from the source pixels they need only. Rounded back to uint8 as OpenCV does.
+    (h, w), computed from the source pixels they need only, and rounded back to uint8 as OpenCV does.
     """
-    rows = resize_indices(image.shape[0], size[0], top, top + height)
-    cols = resize_indices(image.shape[1], size[1], left, left + width)
-    row_low, row_high = image[rows[0]].astype(np.float32), image[rows[1]].astype(np.float32)
-    blended = row_low + (row_high - row_low) * rows[2][:, None, None]
-    col_low, col_high = blended[:, cols[0]], blended[:, cols[1]]
-    out = col_low + (col_high - col_low) * cols[2][None, :, None]
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    row_low, row_high, row_weight = resize_indices(image.shape[0], size[0], top, top + height)
+    col_low, col_high, col_weight = resize_indices(image.shape[1], size[1], left, left + width)
+    first, last = int(col_low.min()), int(col_high.max()) + 1
+    source = torch.from_numpy(image)[:, first:last]
+    rows = torch.lerp(source.index_select(0, torch.from_numpy(row_low)).float(),
+                      source.index_select(0, torch.from_numpy(row_high)).float(),
+                      torch.from_numpy(row_weight)[:, None, None])
+    out = torch.lerp(rows.index_select(1, torch.from_numpy(col_low - first)),
+                     rows.index_select(1, torch.from_numpy(col_high - first)),
+                     torch.from_numpy(col_weight)[None, :, None])
+    return out.round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
-def rgb_to_hsv(image):
-    """uint8 RGB -> H in [0, 180), S and V in [0, 255], rounded to integers (OpenCV's 8-bit HSV convention)."""
-    rgb = image.astype(np.float32)
-    value = rgb.max(axis=-1)
-    delta = value - rgb.min(axis=-1)
-    saturation = np.where(value > 0, 255.0 * delta / np.maximum(value, 1e-6), 0.0)
-    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    safe = np.maximum(delta, 1e-6)
-    hue = np.where(value == red, (green - blue) / safe, np.where(value == green, 2.0 + (blue - red) / safe,
-                                                                  4.0 + (red - green) / safe))
-    hue = np.where(delta > 0, np.rint(hue * 30.0) % 180.0, 0.0)
-    return np.stack([hue, np.rint(saturation), value], axis=-1)
+def channel_planes(image):
+    """uint8 (H, W, 3) -> float32 red, green, blue planes and their max (value), min and max - min (chroma)."""
+    red, green, blue = (image[..., c].astype(np.float32) for c in range(3))
+    value = np.maximum(np.maximum(red, green), blue)
+    chroma = value - np.minimum(np.minimum(red, green), blue)
+    return red, green, blue, value, chroma
 
 
-def hsv_to_rgb(hsv):
-    """The inverse of `rgb_to_hsv`, rounded to uint8."""
-    hue, saturation, value = hsv[..., 0] / 30.0, hsv[..., 1] / 255.0, hsv[..., 2]
-    sector = np.floor(hue).astype(np.int64) % 6
-    fraction = hue - np.floor(hue)
-    p = value * (1 - saturation)
-    q = value * (1 - saturation * fraction)
-    t = value * (1 - saturation * (1 - fraction))
-    choices = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)]
-    channels = [np.choose(sector, [choice[c] for choice in choices]) for c in range(3)]
-    return np.clip(np.rint(np.stack(channels, axis=-1)), 0, 255).astype(np.uint8)
+def to_uint8_image(red, green, blue):
+    return np.clip(np.rint(np.stack([red, green, blue], axis=-1)), 0, 255).astype(np.uint8)
+
+
+def adjust_saturation(image, alpha):
+    """
+    Scale the HSV saturation of a uint8 RGB image by `alpha` (clipped at full saturation), keeping hue and value:
+    the 8-bit HSV saturation S = 255 * chroma / value becomes trunc(clip(S * alpha)), as the authors' step does, and
+    every channel moves along its line to the value channel.
+    """
+    red, green, blue, value, chroma = channel_planes(image)
+    saturation = np.rint(255.0 * chroma / np.maximum(value, 1.0))
+    scaled = np.clip(saturation * alpha, 0, 255).astype(np.uint8).astype(np.float32)
+    ratio = np.where(saturation > 0, scaled / np.maximum(saturation, 1.0), 1.0)
+    return to_uint8_image(*(value - (value - channel) * ratio for channel in (red, green, blue)))
+
+
+def shift_hue(image, delta):
+    """
+    Rotate the hue of a uint8 RGB image by `delta` OpenCV hue units (2 degrees), keeping saturation and value.
+    """
+    red, green, blue, value, chroma = channel_planes(image)
+    inverse = 1.0 / np.maximum(chroma, 1e-6)
+    # Hue in units of 60 degrees, in (-1, 5]: which channel is the maximum decides the sector.
+    hue = np.where(value == red, (green - blue) * inverse,
+                   np.where(value == green, (blue - red) * inverse + 2.0, (red - green) * inverse + 4.0))
+    hue += delta / 30.0
+
+    def channel(n):
+        k = hue + n  # in (n - 2, n + 6): one wrap-around at 6 is enough
+        k -= 6.0 * (k >= 6.0)
+        k += 6.0 * (k < 0.0)
+        return value - chroma * np.maximum(np.minimum(np.minimum(k, 4.0 - k), 1.0), 0.0)
+
+    return to_uint8_image(channel(5.0), channel(3.0), channel(1.0))
 
 
 def scale_and_shift(image, alpha=1.0, beta=0.0):
@@ -85,7 +107,7 @@ def photometric_distortion(image, rng, brightness_delta=32, contrast_range=(0.5,
                            saturation_range=(0.5, 1.5), hue_delta=18):
     """
     mmsegmentation's / the authors' PhotoMetricDistortion on a uint8 RGB image: brightness, then contrast either first
-    or last, saturation and hue in HSV; each step with probability 1/2.
+    or last, saturation and hue; each step with probability 1/2 and the same parameter ranges.
     """
     if rng.integers(2):
         image = scale_and_shift(image, beta=rng.uniform(-brightness_delta, brightness_delta))
@@ -93,28 +115,32 @@ def photometric_distortion(image, rng, brightness_delta=32, contrast_range=(0.5,
     if contrast_first and rng.integers(2):
         image = scale_and_shift(image, alpha=rng.uniform(*contrast_range))
     if rng.integers(2):
-        hsv = rgb_to_hsv(image)
-        hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(*saturation_range), 0, 255).astype(np.uint8)
-        image = hsv_to_rgb(hsv)
+        image = adjust_saturation(image, rng.uniform(*saturation_range))
     if rng.integers(2):
-        hsv = rgb_to_hsv(image)
-        hsv[..., 0] = (hsv[..., 0] + rng.integers(-hue_delta, hue_delta, endpoint=False)) % 180
-        image = hsv_to_rgb(hsv)
+        image = shift_hue(image, rng.integers(-hue_delta, hue_delta, endpoint=False))
     if not contrast_first and rng.integers(2):
         image = scale_and_shift(image, alpha=rng.uniform(*contrast_range))
     return image
 
 
-def normalise(image, mean, std, scale):
-    """uint8 (H, W, 3) -> float32 (3, H, W): (image * scale - mean) / std."""
-    factor = (scale / np.asarray(std, dtype=np.float32)).astype(np.float32)
-    offset = (np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32)).astype(np.float32)
-    return np.ascontiguousarray((image.astype(np.float32) * factor - offset).transpose(2, 0, 1))
+def normalise(image, mean, std, scale, out=None):
+    """
+    uint8 (H, W, 3) -> float32 (3, H, W) (image * scale - mean) / std, through a 256-entry table per channel, written
+    into `out` (3, >=H, >=W) when given.
+    """
+    height, width = image.shape[:2]
+    out = np.empty((3, height, width), dtype=np.float32) if out is None else out
+    values = np.arange(256, dtype=np.float32) * np.float32(scale)
+    for c in range(3):
+        table = (values - np.float32(mean[c])) / np.float32(std[c])
+        np.take(table, image[..., c], out=out[c, :height, :width], mode="clip")
+    return out
 
 
 def as_arrays(image, label):
+    """uint8 RGB image and label map (kept in its stored integer type until the end) as arrays."""
     image = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-    return image, np.asarray(label).astype(np.int64)
+    return image, np.asarray(label)
 
 
 class SeededTransform:
@@ -176,7 +202,7 @@ class TrainTransform(SeededTransform):
         if self.photometric:
             image = photometric_distortion(image, rng)
         pixels = np.zeros((3, crop_height, crop_width), dtype=np.float32)
-        pixels[:, :crop_h, :crop_w] = normalise(image, self.mean, self.std, self.scale)
+        normalise(image, self.mean, self.std, self.scale, out=pixels)
         padded_label = np.full((crop_height, crop_width), IGNORE_INDEX, dtype=np.int64)
         padded_label[:crop_h, :crop_w] = label
         return pixels, padded_label
@@ -185,7 +211,7 @@ class TrainTransform(SeededTransform):
     def label_crop(label, size, top, left, height, width):
         rows = nearest_indices(label.shape[0], size[0], top, top + height)
         cols = nearest_indices(label.shape[1], size[1], left, left + width)
-        return label[rows[:, None], cols[None, :]]
+        return label.take(rows, axis=0).take(cols, axis=1)
 
     def choose_crop(self, label, size, rng):
         """

@@ -170,3 +170,25 @@ def test_ade20k_values_above_150_are_refused(ade20k_root, tmp_path):
     Image.fromarray(values).save(annotation)
     with pytest.raises(InvalidSampleError, match=f"{annotation.name} holds values above 150: 200"):
         build_ade20k(root, cache_dir=tmp_path / "cache")
+
+
+def test_generator_scripts_write_the_real_layouts(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    subprocess.run([sys.executable, str(scripts / "make_synthetic_cityscapes.py"), "--output", str(tmp_path / "cs"),
+                    "--num-train", "3", "--num-val", "2", "--size", "96", "48", "--seed", "5"], check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, str(scripts / "make_synthetic_ade20k.py"), "--output", str(tmp_path / "ade"),
+                    "--num-train", "2", "--num-val", "1", "--size", "64", "48"], check=True, capture_output=True)
+    cityscapes = build_cityscapes(tmp_path / "cs", cache_dir=tmp_path / "cache")
+    assert [len(cityscapes[s]) for s in ("train", "validation")] == [3, 2]
+    frame = np.asarray(cityscapes["train"][0]["image"])
+    assert frame.shape == (48, 96, 3)
+    ids = np.unique(np.concatenate([np.asarray(Image.open(p)).ravel()
+                                    for p in (tmp_path / "cs" / "gtFine").rglob("*_labelIds.png")]))
+    assert {7, 11, 23} <= set(ids.tolist()) and 1 in ids  # road, building, sky, and an id that maps to 255
+    ade = build_ade20k(tmp_path / "ade", cache_dir=tmp_path / "cache")
+    assert [len(ade["train"]), len(ade["validation"])] == [2, 1]

@@ -1,3 +1,5 @@
+import colorsys
+
 import numpy as np
 import pytest
 import torch
@@ -12,11 +14,11 @@ from pcaa_hf.transforms import (
     EvalTransform,
     TrainTransform,
     collate,
-    hsv_to_rgb,
+    adjust_saturation,
     nearest_indices,
     photometric_distortion,
     resized_crop,
-    rgb_to_hsv,
+    shift_hue,
 )
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -122,11 +124,24 @@ def test_same_seed_same_batch_and_normalisation_shared_with_the_processor():
     np.testing.assert_allclose(plain(batch_of(image, label))["pixel_values"][0], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_photometric_distortion_keeps_uint8_and_hsv_round_trips():
+def test_saturation_and_hue_match_colorsys():
+    image = np.random.default_rng(2).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    assert np.abs(adjust_saturation(image, 1.0).astype(int) - image).max() <= 1
+    assert np.abs(shift_hue(image, 0).astype(int) - image).max() <= 1
+    saturated, shifted = adjust_saturation(image, 1.3), shift_hue(image, 17)
+    for (y, x) in [(0, 0), (3, 7), (15, 15), (8, 2)]:
+        h, s, v = colorsys.rgb_to_hsv(*(image[y, x] / 255.0))
+        s_scaled = min(int(round(255 * s) * 1.3), 255) / 255.0
+        expected = np.array(colorsys.hsv_to_rgb(h, s_scaled, v)) * 255
+        assert np.abs(saturated[y, x] - expected).max() <= 1.5
+        expected = np.array(colorsys.hsv_to_rgb((h + 17 * 2 / 360) % 1.0, s, v)) * 255
+        assert np.abs(shifted[y, x] - expected).max() <= 1.0
+
+
+def test_photometric_distortion_keeps_uint8_and_changes_images():
     image = np.random.default_rng(2).integers(0, 255, (40, 40, 3), dtype=np.uint8)
-    assert np.abs(hsv_to_rgb(rgb_to_hsv(image)).astype(int) - image).max() <= 4  # 8-bit HSV quantisation
     grey = np.full((4, 4, 3), 90, dtype=np.uint8)
-    assert np.array_equal(hsv_to_rgb(rgb_to_hsv(grey)), grey)
+    assert np.array_equal(shift_hue(grey, 9), grey) and np.array_equal(adjust_saturation(grey, 1.4), grey)
     changed = 0
     for seed in range(10):
         out = photometric_distortion(image, np.random.default_rng(seed))
