@@ -22,7 +22,7 @@ def opencv_train_transform(cv2, image, label, rng, base_size=(2048, 1024), crop_
     image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
     label = cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST)
 
-    crop_w, crop_h = crop_size
+    crop_h, crop_w = crop_size
     margin_h, margin_w = max(height - crop_h, 0), max(width - crop_w, 0)
     top, left = rng.integers(0, margin_h + 1), rng.integers(0, margin_w + 1)
     for _ in range(10):

@@ -21,6 +21,9 @@ from .label_sets import ADE20K_LABELS, CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_LAB
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
+# Part of every cache key: bump it when the stored labels' meaning changes, so old caches are not reused.
+DATA_FORMAT_VERSION = 1
+EXIF_ORIENTATION = 0x0112
 FEATURES = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
 CITYSCAPES_SPLITS = {"train": "train", "validation": "val", "test": "test"}
 ADE20K_SPLITS = {"train": "training", "validation": "validation"}
@@ -102,13 +105,19 @@ def ade20k_train_ids(label, path):
 TRAIN_ID_CONVERTERS = {"cityscapes": cityscapes_train_ids, "ade20k": ade20k_train_ids}
 
 
-def generate_examples(pairs, converter, skip_invalid):
+def generate_examples(pairs, converter, skip_invalid, tables=None):
     """Rows of a split: the image by path (decoded lazily), the label as a PNG of train ids."""
     for image_path, label_path, *_ in pairs:
         try:
             check_image(image_path)
             label = TRAIN_ID_CONVERTERS[converter](read_label(label_path), label_path)
             with Image.open(image_path) as image:
+                orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+                if orientation != 1:
+                    raise InvalidSampleError(
+                        f"Image {image_path} has EXIF orientation {orientation}: decoded upright, it would no longer "
+                        f"line up with its label map {label_path}. Store it upright (orientation 1)."
+                    )
                 if image.size != (label.shape[1], label.shape[0]):
                     raise InvalidSampleError(
                         f"Image {image_path} is {image.size[0]}x{image.size[1]} but its label map {label_path} is "
@@ -125,10 +134,13 @@ def generate_examples(pairs, converter, skip_invalid):
 def build_split(pairs, converter, id2label, source, cache_dir, skip_invalid):
     # File sizes and modification times take part in the cache fingerprint: changed files are rebuilt.
     keyed = [(str(i), str(l), i.stat().st_size, i.stat().st_mtime_ns, l.stat().st_mtime_ns) for i, l in pairs]
+    # The label tables and the format version take part too, since the generator is hashed by name, not content.
+    tables = {"version": DATA_FORMAT_VERSION, "cityscapes": sorted(CITYSCAPES_ID_TO_TRAIN_ID.items()),
+              "ade20k": len(ADE20K_LABELS)}
     try:
         split = datasets.Dataset.from_generator(
             generate_examples,
-            gen_kwargs={"pairs": keyed, "converter": converter, "skip_invalid": skip_invalid},
+            gen_kwargs={"pairs": keyed, "converter": converter, "skip_invalid": skip_invalid, "tables": tables},
             features=FEATURES,
             cache_dir=None if cache_dir is None else str(cache_dir),
         )
@@ -214,19 +226,27 @@ def load_segmentation_dataset(path, image_column="image", label_column="label", 
     dict, a JSON file, or an `id2label.json` beside a local data set. `reduce_labels` and `label_map` turn the labels
     into train ids once (cached by `datasets.map`).
     """
+    if load_kwargs.get("streaming"):
+        raise ValueError("Streaming data sets are not supported: the transforms need random access (drop streaming).")
     local = Path(str(path))
     if (local / "dataset_dict.json").is_file() or (local / "dataset_info.json").is_file():
         loaded = datasets.load_from_disk(str(local))
     else:
         loaded = datasets.load_dataset(str(path), **load_kwargs)
     if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict({"train": loaded})
+        loaded = datasets.DatasetDict({str(load_kwargs.get("split") or "train"): loaded})
     for split_name, split in loaded.items():
         for column in (image_column, label_column):
             if column not in split.column_names:
                 raise KeyError(f"Split '{split_name}' of {path} has no column '{column}' (columns: {split.column_names}).")
     loaded = loaded.rename_columns({c: n for c, n in ((image_column, "image"), (label_column, "label")) if c != n})
     loaded = loaded.select_columns(["image", "label"]).cast(FEATURES)
+    for split_name, split in loaded.items():
+        if len(split) and np.asarray(split[0]["label"]).ndim != 2:
+            raise ValueError(
+                f"Split '{split_name}' of {path}: column '{label_column}' holds colour images; label maps must be "
+                "single-channel images of class ids (convert palette or RGB masks to ids first)."
+            )
     id2label = read_id2label(id2label, local)
     if reduce_labels or label_map:
 

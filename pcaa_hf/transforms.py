@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from .image_processing_pcaa import PCAAImageProcessor, keep_ratio_size
+from .image_processing_pcaa import PCAAImageProcessor, keep_ratio_size, to_eight_bit
 
 IGNORE_INDEX = 255
 
@@ -29,7 +29,7 @@ def resize_indices(source_length, target_length, start, stop):
 
 
 def nearest_indices(source_length, target_length, start, stop):
-    """Nearest-neighbour source indices: floor(x * source / target) in float32, as torch's "nearest" (and OpenCV)."""
+    """Nearest-neighbour source indices: floor(x * source / target) in float32, as torch's "nearest" (and the processor)."""
     scale = np.float32(source_length) / np.float32(target_length)
     positions = np.arange(start, stop, dtype=np.float32) * scale
     return np.minimum(np.floor(positions).astype(np.int64), source_length - 1)
@@ -138,15 +138,30 @@ def normalise(image, mean, std, scale, out=None):
 
 
 def as_arrays(image, label):
-    """uint8 RGB image and label map (kept in its stored integer type until the end) as arrays."""
-    image = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-    return image, np.asarray(label)
+    """
+    The uint8 RGB image (16-bit images rounded to 8 bits, as the image processor does) and the label map, kept in its
+    stored integer type until the end.
+    """
+    image = to_eight_bit(image)
+    if hasattr(image, "convert"):
+        image = np.asarray(image.convert("RGB"))
+    elif image.ndim == 3 and image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return image, label_array(label)
+
+
+def label_array(label):
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"Label maps must be single-channel (height, width) images of class ids, got shape {label.shape}.")
+    return label
 
 
 class SeededTransform:
     """
-    Randomness from a generator seeded with (seed, DataLoader worker id, call number): the same seed and the same
-    loading setup give the same batches, and every worker draws its own numbers.
+    Randomness from a generator seeded with (seed, process rank, DataLoader worker seed, call number). torch draws
+    fresh worker seeds every epoch from its own seeded generator, so epochs differ, workers and ranks differ, and the
+    same seeds give the same batches.
     """
 
     def __init__(self, seed=0):
@@ -155,15 +170,18 @@ class SeededTransform:
 
     def next_generator(self):
         worker = get_worker_info()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if distributed else 0
         self.calls += 1
-        return np.random.default_rng([self.seed, 0 if worker is None else worker.id + 1, self.calls])
+        return np.random.default_rng([self.seed, rank, 0 if worker is None else worker.seed, self.calls])
 
 
 class TrainTransform(SeededTransform):
     """
     The paper's training augmentation for a batch of `{"image", "label"}` examples, giving `pixel_values` (3, ch, cw)
-    float32 and `labels` (ch, cw) int64. `base_size` and `crop_size` are (width, height) as in the authors' scripts
-    (Cityscapes: base (2048, 1024), crop (768, 768); ADE20K: base (2048, 512), crop (512, 512)).
+    float32 and `labels` (ch, cw) int64. `crop_size` is (height, width) as in the authors' code; `base_size` is the
+    rescale target's (long, short) sides in either order (Cityscapes: base (2048, 1024), crop (768, 768); ADE20K:
+    base (2048, 512), crop (512, 512)).
     """
 
     def __init__(self, base_size=(2048, 1024), crop_size=(768, 768), ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
@@ -191,7 +209,7 @@ class TrainTransform(SeededTransform):
         ratio = rng.uniform(*self.ratio_range)
         scale = (int(self.base_size[0] * ratio), int(self.base_size[1] * ratio))
         size = keep_ratio_size(height, width, max(scale), min(scale))
-        crop_width, crop_height = self.crop_size
+        crop_height, crop_width = self.crop_size
         top, left = self.choose_crop(label, size, rng)
         crop_h, crop_w = min(crop_height, size[0] - top), min(crop_width, size[1] - left)
 
@@ -218,7 +236,7 @@ class TrainTransform(SeededTransform):
         The authors' random crop: offsets uniform over the margin; while no class covers less than `cat_max_ratio`
         of the crop (ignored pixels excluded, at least two classes), draw again, up to 10 checks.
         """
-        crop_width, crop_height = self.crop_size
+        crop_height, crop_width = self.crop_size
         margin_h, margin_w = max(size[0] - crop_height, 0), max(size[1] - crop_width, 0)
         top, left = rng.integers(0, margin_h + 1), rng.integers(0, margin_w + 1)
         if self.cat_max_ratio < 1.0:
@@ -246,7 +264,7 @@ class EvalTransform:
 
     def __call__(self, batch):
         pixel_values = self.processor(images=list(batch["image"]), **self.resize)["pixel_values"]
-        labels = [np.asarray(label).astype(np.int64) for label in batch["label"]]
+        labels = [label_array(label).astype(np.int64) for label in batch["label"]]
         return {"pixel_values": pixel_values, "labels": labels}
 
 

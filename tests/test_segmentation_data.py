@@ -192,3 +192,38 @@ def test_generator_scripts_write_the_real_layouts(tmp_path):
     assert {7, 11, 23} <= set(ids.tolist()) and 1 in ids  # road, building, sky, and an id that maps to 255
     ade = build_ade20k(tmp_path / "ade", cache_dir=tmp_path / "cache")
     assert [len(ade["train"]), len(ade["validation"])] == [2, 1]
+
+
+def test_rotated_images_are_refused_and_changed_files_rebuilt(ade20k_root, tmp_path):
+    root = copy_tree(ade20k_root, tmp_path / "ade")
+    built = build_ade20k(root, cache_dir=tmp_path / "cache")
+    annotation = sorted((root / "ADEChallengeData2016" / "annotations" / "training").glob("*.png"))[0]
+    values = np.asarray(Image.open(annotation)).copy()
+    values[:] = 1
+    Image.fromarray(values).save(annotation)  # a changed file is read again, not taken from the cache
+    rebuilt = build_ade20k(root, cache_dir=tmp_path / "cache")
+    assert not np.array_equal(np.asarray(rebuilt["train"][0]["label"]), np.asarray(built["train"][0]["label"]))
+    assert set(np.unique(np.asarray(rebuilt["train"][0]["label"]))) == {0}
+
+    image_path = sorted((root / "ADEChallengeData2016" / "images" / "training").glob("*.jpg"))[1]
+    image = Image.open(image_path)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(image_path, exif=exif)
+    with pytest.raises(InvalidSampleError, match="EXIF orientation 6"):
+        build_ade20k(root, cache_dir=tmp_path / "cache")
+
+
+def test_load_dataset_split_names_streaming_and_colour_labels(cityscapes_root, tmp_path):
+    built = build_cityscapes(cityscapes_root, cache_dir=tmp_path / "cache")
+    built["validation"].to_parquet(tmp_path / "validation.parquet")
+    one = load_segmentation_dataset("parquet", id2label={0: "road"}, split="validation",
+                                    data_files={"validation": str(tmp_path / "validation.parquet")})
+    assert list(one) == ["validation"]
+    with pytest.raises(ValueError, match="Streaming"):
+        load_segmentation_dataset("parquet", id2label={0: "road"}, streaming=True,
+                                  data_files={"validation": str(tmp_path / "validation.parquet")})
+    coloured = built["validation"].map(lambda e: {"label": e["image"]})
+    coloured.save_to_disk(tmp_path / "coloured")
+    with pytest.raises(ValueError, match="colour images"):
+        load_segmentation_dataset(tmp_path / "coloured", id2label={0: "road"})

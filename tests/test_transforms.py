@@ -51,7 +51,7 @@ def test_resized_crop_equals_resizing_everything_then_cropping():
 def test_output_sizes_and_padding_values():
     image = np.full((40, 60, 3), 128, dtype=np.uint8)
     label = np.ones((40, 60), dtype=np.uint8)
-    transform = TrainTransform(base_size=(60, 40), crop_size=(96, 64), ratio_range=(1.0, 1.0), photometric=False,
+    transform = TrainTransform(base_size=(60, 40), crop_size=(64, 96), ratio_range=(1.0, 1.0), photometric=False,
                                cat_max_ratio=1.0)
     out = transform(batch_of(image, label))
     pixels, labels = out["pixel_values"][0], out["labels"][0]
@@ -99,7 +99,7 @@ def test_flip_moves_image_and_label_together():
     image = np.repeat((label * 10)[..., None], 3, axis=2).astype(np.uint8)
     flipped = 0
     for seed in range(8):
-        transform = TrainTransform(base_size=(48, 32), crop_size=(48, 32), ratio_range=(1.0, 1.0),
+        transform = TrainTransform(base_size=(48, 32), crop_size=(32, 48), ratio_range=(1.0, 1.0),
                                    photometric=False, cat_max_ratio=1.0, seed=seed)
         out = transform(batch_of(image, label))
         labels, channel = out["labels"][0], denormalise(out["pixel_values"][0])[..., 0]
@@ -118,7 +118,7 @@ def test_same_seed_same_batch_and_normalisation_shared_with_the_processor():
     assert np.array_equal(a["labels"][0], b["labels"][0])
     assert not np.array_equal(a["pixel_values"][0], c["pixel_values"][0])
 
-    plain = TrainTransform(base_size=(96, 64), crop_size=(96, 64), ratio_range=(1.0, 1.0), photometric=False,
+    plain = TrainTransform(base_size=(96, 64), crop_size=(64, 96), ratio_range=(1.0, 1.0), photometric=False,
                            flip_probability=0.0, cat_max_ratio=1.0)
     expected = PCAAImageProcessor()(image, return_tensors="np")["pixel_values"][0]
     np.testing.assert_allclose(plain(batch_of(image, label))["pixel_values"][0], expected, rtol=1e-5, atol=1e-5)
@@ -178,6 +178,34 @@ def test_with_transform_through_a_dataloader(tmp_path):
     batches = [next(iter(DataLoader(train, batch_size=2, collate_fn=collate))) for _ in range(2)]
     assert batches[0]["pixel_values"].shape == (2, 3, 64, 64) and batches[0]["labels"].shape == (2, 64, 64)
     assert set(batches[0]["labels"].unique().tolist()) <= set(range(19)) | {255}
+    assert not torch.equal(batches[0]["pixel_values"], batches[1]["pixel_values"])  # a new draw every call
     validation = splits["validation"].with_transform(EvalTransform())
     batch = next(iter(DataLoader(validation, batch_size=1, collate_fn=collate)))
     assert batch["pixel_values"].shape == (1, 3, 64, 128) and batch["labels"].shape == (1, 64, 128)
+
+
+def test_workers_draw_new_augmentations_every_epoch_and_reproducibly(tmp_path):
+    write_cityscapes_tree(tmp_path / "cs", num_train=4, num_val=1, size=(128, 64), seed=2)
+    train = build_cityscapes(tmp_path / "cs", cache_dir=tmp_path / "cache")["train"]
+    train = train.with_transform(TrainTransform(base_size=(128, 64), crop_size=(48, 48), seed=0))
+
+    def two_epochs():
+        torch.manual_seed(0)
+        loader = DataLoader(train, batch_size=2, num_workers=2, collate_fn=collate)
+        return [torch.cat([batch["pixel_values"] for batch in loader]) for _ in range(2)]
+
+    first_run, second_run = two_epochs(), two_epochs()
+    assert not torch.equal(first_run[0], first_run[1])  # epochs differ
+    assert torch.equal(first_run[0], second_run[0]) and torch.equal(first_run[1], second_run[1])  # reproducible
+
+
+def test_sixteen_bit_images_and_colour_labels():
+    deep = (np.random.default_rng(0).random((32, 48)) * 65535).astype(np.uint16)
+    label = np.zeros((32, 48), dtype=np.uint8)
+    transform = TrainTransform(base_size=(48, 32), crop_size=(32, 48), ratio_range=(1.0, 1.0), photometric=False,
+                               flip_probability=0.0, cat_max_ratio=1.0)
+    out = transform({"image": [Image.fromarray(deep)], "label": [Image.fromarray(label)]})["pixel_values"][0]
+    expected = PCAAImageProcessor()(Image.fromarray(deep))["pixel_values"][0]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="single-channel"):
+        transform({"image": [Image.fromarray(deep)], "label": [Image.fromarray(np.zeros((32, 48, 3), np.uint8))]})
