@@ -5,7 +5,8 @@ import time
 import numpy as np
 
 from .image_processing_pcaa import keep_ratio_size
-from .transforms import IGNORE_INDEX, TrainTransform
+from .label_sets import IGNORE_INDEX
+from .transforms import TrainTransform
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)

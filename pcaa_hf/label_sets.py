@@ -1,4 +1,6 @@
-"""Class names of the data sets the paper uses, in train-id order."""
+"""Class names of the data sets the paper uses, in train-id order, and their label conventions."""
+
+IGNORE_INDEX = 255  # the label value every loss, transform and data set here ignores
 
 CITYSCAPES_LABELS = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation", "terrain",

@@ -16,11 +16,10 @@ import numpy as np
 from PIL import Image
 
 from .image_processing_pcaa import PCAAImageProcessor
-from .label_sets import ADE20K_LABELS, CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_LABELS, label_maps
+from .label_sets import ADE20K_LABELS, CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_LABELS, IGNORE_INDEX, label_maps
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 # Part of every cache key: bump it when the stored labels' meaning changes, so old caches are not reused.
 DATA_FORMAT_VERSION = 1
 EXIF_ORIENTATION = 0x0112
@@ -86,9 +85,7 @@ def cityscapes_train_ids(label, path):
     invalid = np.setdiff1d(np.unique(label), list(CITYSCAPES_ID_TO_TRAIN_ID))
     if invalid.size:
         raise InvalidSampleError(f"Label map {path} holds values that are not Cityscapes label ids: {invalid[:10]}")
-    table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    table[list(CITYSCAPES_ID_TO_TRAIN_ID)] = list(CITYSCAPES_ID_TO_TRAIN_ID.values())
-    return table[label]
+    return PCAAImageProcessor.apply_label_map(label, CITYSCAPES_ID_TO_TRAIN_ID)
 
 
 def ade20k_train_ids(label, path):
@@ -97,9 +94,7 @@ def ade20k_train_ids(label, path):
         raise InvalidSampleError(f"Label map {path} has shape {label.shape}; expected a single-channel annotation.")
     if label.size and int(label.max()) > len(ADE20K_LABELS):
         raise InvalidSampleError(f"Label map {path} holds values above {len(ADE20K_LABELS)}: {int(label.max())}")
-    reduced = label.astype(np.int64) - 1
-    reduced[label == 0] = IGNORE_INDEX
-    return reduced
+    return PCAAImageProcessor.reduce_label(label)
 
 
 TRAIN_ID_CONVERTERS = {"cityscapes": cityscapes_train_ids, "ade20k": ade20k_train_ids}

@@ -11,8 +11,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from .image_processing_pcaa import PCAAImageProcessor, keep_ratio_size, to_eight_bit
-
-IGNORE_INDEX = 255
+from .label_sets import IGNORE_INDEX
 
 
 def resize_indices(source_length, target_length, start, stop):

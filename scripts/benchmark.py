@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import torch
 
+from pcaa_hf import PCAAImageProcessor
 from pcaa_hf.benchmarking import benchmark_train_transform, machine_description
 from pcaa_hf.label_sets import CITYSCAPES_ID_TO_TRAIN_ID
 from pcaa_hf.synthetic import street_scene
@@ -23,12 +24,11 @@ def data_section(repeats):
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     rng = np.random.default_rng(0)
-    train_ids = np.full(256, 255, dtype=np.uint8)
-    train_ids[list(CITYSCAPES_ID_TO_TRAIN_ID)] = list(CITYSCAPES_ID_TO_TRAIN_ID.values())
     samples = []
     for _ in range(4):
         image, label_ids = street_scene(2048, 1024, rng)
-        samples.append((image, train_ids[label_ids]))
+        train_ids = PCAAImageProcessor.apply_label_map(label_ids, CITYSCAPES_ID_TO_TRAIN_ID).astype(np.uint8)
+        samples.append((image, train_ids))
     return benchmark_train_transform(samples, repeats=repeats)
 
 
