@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+r"""Evaluate a PCAA model (a saved folder or a Hub id) on a data set split: per-class IoU and accuracy, aAcc, mIoU,
+mAcc, a JSON results file, and optionally the predictions as PNGs.
+
+Examples:
+    # Cityscapes val, the paper's sliding window (768 crop, overlap 1/3) at full 1024x2048 resolution
+    python scripts/evaluate.py --model pcaa-r50-cityscapes --dataset cityscapes --data /data/cityscapes \
+        --output-dir eval-cs --save-predictions --cityscapes-test-format
+    # ADE20K val, whole image, with the paper's multi-scale + flip test
+    python scripts/evaluate.py --model pcaa-r101-ade20k --dataset ade20k --data /data/ADEChallengeData2016 \
+        --scales 0.5 0.75 1.0 1.25 1.5 1.75 --flip --output-dir eval-ade
+    # several processes or GPUs: each scores its share of the split, the results are summed
+    accelerate launch --num_processes 2 scripts/evaluate.py --model ... --dataset ... --data ...
+
+Images are prepared by the model folder's image processor (e.g. ADE20K's keep-ratio resize to 2048x512) and
+predicted at their own size; predictions are scored at the label's original resolution. mIoU follows `evaluate`'s
+`mean_iou` (classes absent from predictions and labels are left out); the authors' convention (absent = 0) is
+reported beside it.
+"""
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import datasets
+from PIL import Image
+from accelerate import Accelerator
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+import pcaa_hf  # noqa: F401  (registers PCAA with the Auto classes)
+from pcaa_hf.evaluation import evaluate_segmentation, results_table
+from pcaa_hf.inference import MODES, SegmentationInference
+from pcaa_hf.label_sets import CITYSCAPES_LABELS, IGNORE_INDEX
+from pcaa_hf.segmentation_data import build_ade20k, build_cityscapes, label_names, load_segmentation_dataset
+from pcaa_hf.transforms import EvalTransform
+from pcaa_hf.visualisation import cityscapes_label_ids, colourise, palette_for
+
+logger = logging.getLogger("evaluate")
+
+# The paper's evaluation per data set: Cityscapes by 768x768 sliding windows, ADE20K whole images.
+DEFAULT_MODES = {"cityscapes": "slide", "ade20k": "whole", "datasets": "whole"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a save_pretrained folder or a Hub model id")
+    parser.add_argument("--dataset", required=True, choices=sorted(DEFAULT_MODES),
+                        help="cityscapes / ade20k: the data set's own folder layout; datasets: a save_to_disk folder "
+                             "or anything datasets.load_dataset reads, with image and label columns")
+    parser.add_argument("--data", required=True, help="the data set's root folder, save_to_disk folder or name")
+    parser.add_argument("--split", default="validation", help="split to evaluate (default: validation)")
+    parser.add_argument("--image-column", default="image", help="--dataset datasets: the image column")
+    parser.add_argument("--label-column", default="label", help="--dataset datasets: the label column")
+    parser.add_argument("--mode", choices=MODES,
+                        help="whole image or sliding window (default: slide for cityscapes, whole otherwise)")
+    parser.add_argument("--crop-size", type=int, nargs=2, default=(768, 768), metavar=("H", "W"),
+                        help="sliding window size (default: 768 768)")
+    parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"),
+                        help="sliding window stride (default: 2/3 of the crop, the paper's overlap of 1/3)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                        help="input scales whose logits are averaged (the paper's multi-scale test: 0.5 0.75 1.0 "
+                             "1.25 1.5 1.75)")
+    parser.add_argument("--flip", action="store_true", help="also average the logits of flipped inputs")
+    parser.add_argument("--window-batch-size", type=int, default=4, help="sliding windows per forward (default: 4)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="images per batch per process; images of different sizes are predicted separately")
+    parser.add_argument("--num-workers", type=int, default=2, help="data loading workers per process")
+    parser.add_argument("--max-samples", type=int, help="evaluate only the first N images of the split")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),
+                        help="autocast precision (default: accelerate's configuration, else no)")
+    parser.add_argument("--output-dir", default="evaluation", help="where results.json and PNGs go")
+    parser.add_argument("--save-predictions", action="store_true",
+                        help="write each prediction as a PNG in the data set's palette (predictions/)")
+    parser.add_argument("--cityscapes-test-format", action="store_true",
+                        help="write each prediction as Cityscapes label ids, the test server's format "
+                             "(cityscapes_label_ids/)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow running the code files of a Hub model that is not PCAA from this package")
+    args = parser.parse_args(argv)
+    args.mode = args.mode or DEFAULT_MODES[args.dataset]
+    if args.max_samples is not None and args.max_samples < 1:
+        parser.error(f"--max-samples must be at least 1, got {args.max_samples}")
+    return args
+
+
+def open_split(args, id2label):
+    if args.dataset == "cityscapes":
+        splits = build_cityscapes(args.data)
+    elif args.dataset == "ade20k":
+        splits = build_ade20k(args.data)
+    else:
+        splits = load_segmentation_dataset(args.data, image_column=args.image_column, label_column=args.label_column,
+                                           id2label=id2label)
+    if args.split not in splits:
+        raise ValueError(f"{args.data} has no split '{args.split}' (splits: {', '.join(splits)}).")
+    split = splits[args.split]
+    if args.max_samples is not None:
+        split = split.select(range(min(args.max_samples, len(split))))
+    return split
+
+
+def prediction_names(split):
+    """One file stem per image: the image file's stem where files are known and their stems unique."""
+    sources = split.cast_column("image", datasets.Image(decode=False))["image"]
+    stems = [Path(source["path"]).stem if source.get("path") else None for source in sources]
+    if None in stems or len(set(stems)) != len(stems):
+        return [f"{index:06d}" if stem is None else f"{index:06d}_{stem}" for index, stem in enumerate(stems)]
+    return stems
+
+
+def prediction_writer(args, split, id2label):
+    """The `on_prediction` callback writing the requested PNGs, or None."""
+    if not (args.save_predictions or args.cityscapes_test_format):
+        return None
+    names = prediction_names(split)
+    palette = palette_for(id2label)
+    palette_dir = Path(args.output_dir) / "predictions"
+    label_id_dir = Path(args.output_dir) / "cityscapes_label_ids"
+    for folder, wanted in ((palette_dir, args.save_predictions), (label_id_dir, args.cityscapes_test_format)):
+        if wanted:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def write(index, prediction):
+        if args.save_predictions:
+            colourise(prediction, palette).save(palette_dir / f"{names[index]}.png")
+        if args.cityscapes_test_format:
+            Image.fromarray(cityscapes_label_ids(prediction)).save(label_id_dir / f"{names[index]}.png")
+
+    return write
+
+
+def json_ready(metrics, id2label):
+    def number(value):
+        value = float(value)
+        return value if math.isfinite(value) else None
+
+    results = {key: number(metrics[key]) for key in ("mean_iou", "mean_accuracy", "overall_accuracy",
+                                                    "mean_iou_absent_as_zero")}
+    for key in ("per_category_iou", "per_category_accuracy"):
+        results[key] = {id2label[index]: number(value) for index, value in enumerate(metrics[key])}
+    results["num_images"] = metrics["num_images"]
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    try:
+        inference = SegmentationInference(args.mode, tuple(args.crop_size), args.stride and tuple(args.stride),
+                                          tuple(args.scales), args.flip, args.window_batch_size)
+        model = AutoModelForSemanticSegmentation.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        id2label = {int(index): name for index, name in model.config.id2label.items()}
+        split = open_split(args, id2label)
+        split_labels = label_names(split)
+        if len(split_labels) != len(id2label):
+            raise ValueError(f"The model predicts {len(id2label)} classes but {args.data} has {len(split_labels)}.")
+        if args.cityscapes_test_format and tuple(split_labels[i] for i in sorted(split_labels)) != CITYSCAPES_LABELS:
+            raise ValueError("--cityscapes-test-format needs the 19 Cityscapes classes.")
+    except (OSError, ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    model.to(accelerator.device)
+    logger.info("Evaluating %s on %s (%s, %d images) with %s, %d process(es)", args.model, args.data, args.split,
+                len(split), inference, accelerator.num_processes)
+    start = time.perf_counter()
+    metrics = evaluate_segmentation(
+        model, split.with_transform(EvalTransform(image_processor=processor)), len(id2label), inference,
+        accelerator=accelerator, batch_size=args.batch_size, num_workers=args.num_workers, ignore_index=IGNORE_INDEX,
+        on_prediction=prediction_writer(args, split, split_labels),
+    )
+    seconds = time.perf_counter() - start
+    if accelerator.is_main_process:
+        results = {"model": args.model, "dataset": args.dataset, "data": args.data, "split": args.split,
+                   "inference": inference.to_dict(), "processes": accelerator.num_processes,
+                   "seconds": round(seconds, 3), **json_ready(metrics, split_labels)}
+        output = Path(args.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        partial = output / "results.json.partial"
+        partial.write_text(json.dumps(results, indent=2) + "\n")
+        partial.replace(output / "results.json")
+        print(results_table(metrics, split_labels))
+        print(f"{metrics['num_images']} images in {seconds:.1f} s; results in {output / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
