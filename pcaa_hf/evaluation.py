@@ -69,6 +69,8 @@ def evaluate_segmentation(model, dataset, num_labels, inference=None, accelerato
     The model is evaluated in eval mode and put back in its previous mode.
     """
     inference = inference or SegmentationInference()
+    if len(dataset) == 0:
+        raise ValueError("The evaluation split holds no images.")
     if accelerator is not None:
         # The bare module: a DistributedDataParallel wrapper may synchronise buffers at every forward, which would
         # hang when processes run different numbers of forwards.
@@ -77,10 +79,13 @@ def evaluate_segmentation(model, dataset, num_labels, inference=None, accelerato
         autocast, is_main = accelerator.autocast, accelerator.is_main_process
     else:
         num_processes, process_index, autocast, is_main = 1, 0, contextlib.nullcontext, True
-    device = next(model.parameters()).device
+    parameter = next(model.parameters())
     share = IndexedShare(dataset, process_share(len(dataset), num_processes, process_index))
-    loader = DataLoader(share, batch_size=batch_size, num_workers=num_workers, collate_fn=keep_examples)
-    metric = ConfusionMatrix(num_labels, ignore_index, device=device)
+    # An explicit generator keeps the global RNG untouched (a DataLoader draws a seed from it otherwise), so that
+    # evaluating in the middle of training does not change the training run.
+    loader = DataLoader(share, batch_size=batch_size, num_workers=num_workers, collate_fn=keep_examples,
+                        generator=torch.Generator())
+    metric = ConfusionMatrix(num_labels, ignore_index, device=parameter.device)
     was_training = model.training
     model.eval()
     try:
@@ -89,15 +94,20 @@ def evaluate_segmentation(model, dataset, num_labels, inference=None, accelerato
                 for group in equal_size_groups(batch):
                     pixel_values = torch.stack([torch.as_tensor(example["pixel_values"]) for _, example in group])
                     labels = torch.stack([torch.as_tensor(np.asarray(example["labels"])) for _, example in group])
-                    labels = labels.to(device)
+                    labels = labels.to(parameter.device)
                     with autocast():
-                        predictions = inference.predict(model, pixel_values.to(device), labels.shape[-2:])
-                    metric.update(predictions, labels)
+                        predictions = inference.predict(
+                            model, pixel_values.to(parameter.device, parameter.dtype), labels.shape[-2:])
+                    try:
+                        metric.update(predictions, labels)
+                    except ValueError as error:
+                        indices = ", ".join(str(index) for index, _ in group)
+                        raise ValueError(f"Evaluation example(s) {indices}: {error}") from error
                     if on_prediction is not None:
                         for (index, _), prediction in zip(group, predictions.cpu().numpy()):
                             on_prediction(index, prediction)
                 # Other processes advance at about the same rate; the bar shows the whole split's progress.
-                progress.update(len(batch) * num_processes)
+                progress.update(min(len(batch) * num_processes, progress.total - progress.n))
     finally:
         model.train(was_training)
     return metric.compute(accelerator)

@@ -8,9 +8,10 @@ multiple of the output stride: the model takes any size. `scales=(0.5, 0.75, 1.0
 multi-scale + flip test: logits of every scale and flip are resized to the output size and averaged (logits, not
 probabilities, as in the authors' `evaluate.py`).
 
-Memory: a sliding pass holds one (B, K, h, w) float32 sum at the scaled input size plus one window's upsampled
-logits at a time; multi-scale adds the (B, K, H, W) running sum at the output size. Nothing grows with the number
-of windows or scales.
+Memory, in float32 (B, K, ., .) maps: a sliding pass holds one sum at the scaled input size plus one window's
+upsampled logits at a time; resizing it to the output size, flipping it back and the running sum over scales and
+flips add up to three maps at the output size. At most about (s^2 + 3) * B * K * H * W * 4 bytes for the largest
+scale s, whatever the number of windows and scales (1024x2048, 150 classes, scale 1 with flip: about 4 GB).
 """
 
 import math
@@ -39,7 +40,7 @@ def sliding_windows(height, width, crop_size, stride):
 
 
 def scaled_size(size, scale):
-    """The size of an image rescaled by `scale`, rounded half up (mmsegmentation's and OpenCV's rule)."""
+    """The size of an image rescaled by `scale`, rounded half up (mmsegmentation's rule)."""
     return tuple(max(int(length * scale + 0.5), 1) for length in size)
 
 

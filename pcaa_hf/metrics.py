@@ -158,8 +158,10 @@ def pair_confusion(prediction, reference, index, rows):
     combined = rows(reference)
     combined += prediction
     if combined.size and combined.min() < 0:
+        mapped = rows.label_map or rows.reduce_labels
         check_values(rows.classes(np.unique(reference).astype(np.int64)), num_labels, rows.ignore_index,
-                     f"references[{index}] (after label_map/reduce_labels)", allow_ignore=True)
+                     f"references[{index}]" + (" (after label_map/reduce_labels)" if mapped else ""),
+                     allow_ignore=True)
     counts = np.bincount(combined.ravel(), minlength=(num_labels + 1) * num_labels)
     return counts[: num_labels * num_labels].reshape(num_labels, num_labels)
 
@@ -185,7 +187,7 @@ def mean_iou(predictions, references, num_labels, ignore_index, nan_to_num=None,
     pairs = [(prediction, reference, index, rows)
              for index, (prediction, reference) in enumerate(zip(predictions, references))]
     # numpy's table lookups and bincount release the GIL: two threads score two maps at once.
-    with ThreadPoolExecutor(max_workers=min(len(pairs), os.cpu_count() or 1, 4)) as pool:
+    with ThreadPoolExecutor(max_workers=min(len(pairs), len(os.sched_getaffinity(0)), 4)) as pool:
         matrix = sum(pool.map(lambda pair: pair_confusion(*pair), pairs))
     return summarise_confusion(matrix, nan_to_num)
 

@@ -55,6 +55,11 @@ def parse_args(argv=None):
     parser.add_argument("--split", default="validation", help="split to evaluate (default: validation)")
     parser.add_argument("--image-column", default="image", help="--dataset datasets: the image column")
     parser.add_argument("--label-column", default="label", help="--dataset datasets: the label column")
+    parser.add_argument("--reduce-labels", action="store_true",
+                        help="--dataset datasets: the labels are raw ADE20K-style values (0 ignored, v -> v - 1)")
+    parser.add_argument("--label-map", type=Path,
+                        help="--dataset datasets: a JSON file {raw value: train id} applied to the labels first "
+                             "(e.g. Cityscapes label ids; unmapped values are kept)")
     parser.add_argument("--mode", choices=MODES,
                         help="whole image or sliding window (default: slide for cityscapes, whole otherwise)")
     parser.add_argument("--crop-size", type=int, nargs=2, default=(768, 768), metavar=("H", "W"),
@@ -65,11 +70,12 @@ def parse_args(argv=None):
                         help="input scales whose logits are averaged (the paper's multi-scale test: 0.5 0.75 1.0 "
                              "1.25 1.5 1.75)")
     parser.add_argument("--flip", action="store_true", help="also average the logits of flipped inputs")
-    parser.add_argument("--window-batch-size", type=int, default=4, help="sliding windows per forward (default: 4)")
-    parser.add_argument("--batch-size", type=int, default=1,
+    parser.add_argument("--window-batch-size", type=positive_int, default=4,
+                        help="sliding windows per forward (default: 4)")
+    parser.add_argument("--batch-size", type=positive_int, default=1,
                         help="images per batch per process; images of different sizes are predicted separately")
-    parser.add_argument("--num-workers", type=int, default=2, help="data loading workers per process")
-    parser.add_argument("--max-samples", type=int, help="evaluate only the first N images of the split")
+    parser.add_argument("--num-workers", type=non_negative_int, default=2, help="data loading workers per process")
+    parser.add_argument("--max-samples", type=positive_int, help="evaluate only the first N images of the split")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),
                         help="autocast precision (default: accelerate's configuration, else no)")
     parser.add_argument("--output-dir", default="evaluation", help="where results.json and PNGs go")
@@ -82,9 +88,24 @@ def parse_args(argv=None):
                         help="allow running the code files of a Hub model that is not PCAA from this package")
     args = parser.parse_args(argv)
     args.mode = args.mode or DEFAULT_MODES[args.dataset]
-    if args.max_samples is not None and args.max_samples < 1:
-        parser.error(f"--max-samples must be at least 1, got {args.max_samples}")
+    if (args.reduce_labels or args.label_map) and args.dataset != "datasets":
+        parser.error("--reduce-labels and --label-map apply to --dataset datasets (the builders convert labels)")
+    output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output-dir {output} exists and is not a folder")
     return args
+
+
+def positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def non_negative_int(text):
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
+    return int(text)
 
 
 def open_split(args, id2label):
@@ -93,8 +114,11 @@ def open_split(args, id2label):
     elif args.dataset == "ade20k":
         splits = build_ade20k(args.data)
     else:
+        label_map = None
+        if args.label_map:
+            label_map = {int(raw): int(train_id) for raw, train_id in json.loads(args.label_map.read_text()).items()}
         splits = load_segmentation_dataset(args.data, image_column=args.image_column, label_column=args.label_column,
-                                           id2label=id2label)
+                                           id2label=id2label, reduce_labels=args.reduce_labels, label_map=label_map)
     if args.split not in splits:
         raise ValueError(f"{args.data} has no split '{args.split}' (splits: {', '.join(splits)}).")
     split = splits[args.split]
@@ -156,6 +180,11 @@ def main(argv=None):
         model = AutoModelForSemanticSegmentation.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         id2label = {int(index): name for index, name in model.config.id2label.items()}
+        if args.dataset == "datasets" and not (args.reduce_labels or args.label_map) and (
+                processor.do_reduce_labels or processor.label_map):
+            logger.warning("The model's image processor converts raw labels (reduce_labels=%s, label_map=%s); this "
+                           "data set's labels are scored as they are. Pass --reduce-labels or --label-map if they "
+                           "are raw.", processor.do_reduce_labels, bool(processor.label_map))
         split = open_split(args, id2label)
         split_labels = label_names(split)
         if len(split_labels) != len(id2label):
@@ -166,15 +195,20 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # before the work whose results go there
     model.to(accelerator.device)
     logger.info("Evaluating %s on %s (%s, %d images) with %s, %d process(es)", args.model, args.data, args.split,
                 len(split), inference, accelerator.num_processes)
     start = time.perf_counter()
-    metrics = evaluate_segmentation(
-        model, split.with_transform(EvalTransform(image_processor=processor)), len(id2label), inference,
-        accelerator=accelerator, batch_size=args.batch_size, num_workers=args.num_workers, ignore_index=IGNORE_INDEX,
-        on_prediction=prediction_writer(args, split, split_labels),
-    )
+    try:
+        metrics = evaluate_segmentation(
+            model, split.with_transform(EvalTransform(image_processor=processor)), len(id2label), inference,
+            accelerator=accelerator, batch_size=args.batch_size, num_workers=args.num_workers,
+            ignore_index=IGNORE_INDEX, on_prediction=prediction_writer(args, split, split_labels),
+        )
+    except ValueError as error:  # invalid label values, unreadable images: named by the evaluation
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - start
     if accelerator.is_main_process:
         results = {"model": args.model, "dataset": args.dataset, "data": args.data, "split": args.split,

@@ -187,3 +187,13 @@ def test_evaluate_script_bad_arguments(cityscapes_run, tmp_path, capsys, change,
     message = message.replace("MISSING", str(tmp_path / "MISSING"))
     assert evaluate_main(script_arguments(cityscapes_run, tmp_path / "out") + change) == 2
     assert message in capsys.readouterr().err
+
+
+def test_evaluation_errors_name_the_example():
+    model = PCAAForSemanticSegmentation(small_config()).eval()
+    with pytest.raises(ValueError, match="no images"):
+        evaluate_segmentation(model, ListDataset([]), 5)
+    examples = random_examples([(32, 32), (32, 32), (32, 32)], 5)
+    examples[2]["labels"][0, 0] = 200
+    with pytest.raises(ValueError, match=r"example\(s\) 2: references holds values outside \[0, 5\).*\[200\]"):
+        evaluate_segmentation(model, ListDataset(examples), 5)
