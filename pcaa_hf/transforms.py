@@ -143,7 +143,7 @@ def as_arrays(image, label):
     """
     image = to_eight_bit(image)
     if hasattr(image, "convert"):
-        image = np.asarray(image.convert("RGB"))
+        image = np.array(image.convert("RGB"))  # writable (np.asarray of a PIL image is not), at the same cost
     elif image.ndim == 3 and image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
     return image, label_array(label)

@@ -1,0 +1,508 @@
+"""Training PCAA with Accelerate: one CPU to many GPUs, resumable to the exact weights, with periodic evaluation.
+
+The loop is the authors': SGD (momentum 0.9) with the learning rate decayed per iteration by (1 - i / max)^0.9,
+SyncBatchNorm across processes, the paper's augmentation. What it adds:
+- Exact resume. Batches are a pure function of (seed, epoch): every epoch's order comes from a generator seeded
+  with both, and each example's augmentation from (seed, epoch, example index). A checkpoint stores the model,
+  optimiser, schedule and every process's RNG states; resuming skips the consumed batches of the epoch without
+  loading them. A run killed at any point and resumed ends with the weights of an uninterrupted run.
+- Atomic checkpoints: written to `checkpoints/.checkpoint-N.partial`, renamed to `checkpoint-N` once complete; only
+  complete ones are ever resumed from, the last `checkpoints_total_limit` are kept.
+- Evaluation every `eval_steps` with `pcaa_hf.evaluation` (each validation image counted once across processes),
+  the best model by mIoU exported to `best/`, the final one to `model/`, each with a model card; optional Hub
+  uploads that never stop training when the Hub cannot be reached.
+"""
+
+import json
+import logging
+import math
+import re
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from .configuration_pcaa import PCAAConfig
+from .evaluation import evaluate_segmentation, results_table
+from .image_processing_pcaa import PCAAImageProcessor
+from .inference import SegmentationInference
+from .label_sets import IMAGE_PROCESSOR_SETTINGS, label_maps
+from .modeling_pcaa import PCAAForSemanticSegmentation
+from .sync_batch_norm import convert_sync_batch_norm
+from .synthetic import is_generated
+from .segmentation_data import build_ade20k, build_cityscapes, label_names, load_segmentation_dataset
+from .transforms import EvalTransform, TrainTransform, as_arrays, collate
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+TRAINER_STATE = "trainer_state.json"
+DATASET_TYPES = ("cityscapes", "ade20k", "datasets")
+
+
+@dataclass
+class TrainingArguments:
+    """Everything a run needs; `scripts/train.py` documents each field on its command line."""
+
+    output_dir: str
+    dataset_type: str
+    data: str
+    train_split: str = "train"
+    eval_split: str = "validation"
+    image_column: str = "image"
+    label_column: str = "label"
+    # model
+    model_name_or_path: str | None = None
+    pretrained_backbone: str | None = None
+    backbone_depth: int = 50
+    output_stride: int = 8
+    multi_grid: bool = False
+    bins: list = field(default_factory=lambda: [(4, 4)])
+    hidden_size: int = 512
+    auxiliary_hidden_size: int = 256
+    classifier_dropout: float = 0.0
+    use_ohem: bool = False
+    gradient_checkpointing: bool = False
+    # data
+    base_size: tuple = (2048, 1024)
+    crop_size: tuple = (768, 768)
+    num_workers: int = 2
+    # optimisation
+    max_train_steps: int = 60000
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    seed: int = 0
+    mixed_precision: str | None = None
+    # checkpoints and logging
+    checkpointing_steps: int | None = None
+    checkpoints_total_limit: int | None = 2
+    resume_from_checkpoint: str | None = None
+    logging_steps: int = 10
+    with_tracking: bool = False
+    report_to: str = "tensorboard"
+    # evaluation
+    eval_steps: int | None = None
+    per_device_eval_batch_size: int = 1
+    eval_mode: str = "whole"
+    eval_crop_size: tuple = (768, 768)
+    eval_stride: tuple | None = None
+    max_eval_samples: int | None = None
+    # publishing
+    model_card_template: str | None = None
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_token: str | None = None
+    push_checkpoints: bool = False
+
+    def __post_init__(self):
+        problems = []
+        if self.dataset_type not in DATASET_TYPES:
+            problems.append(f"dataset_type must be one of {DATASET_TYPES}, got {self.dataset_type!r}")
+        for name in ("max_train_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("checkpointing_steps", "checkpoints_total_limit", "eval_steps", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1 (or left out), got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            problems.append(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.push_to_hub and not self.hub_model_id:
+            problems.append("push_to_hub needs hub_model_id (e.g. you/pcaa-r50-cityscapes)")
+        if self.pretrained_backbone is not None:
+            problems.append("pretrained_backbone: loading open-mmlab ImageNet ResNet-V1c weights is not available "
+                            "yet (it is the backbone issue's work); train from scratch or from model_name_or_path")
+        if problems:
+            raise ValueError("Invalid training arguments: " + "; ".join(problems) + ".")
+
+    def to_dict(self):
+        return {key: value for key, value in asdict(self).items() if key != "hub_token"}
+
+
+def open_datasets(args):
+    """The train and evaluation splits of `args.data` and their label names."""
+    if args.dataset_type == "cityscapes":
+        splits = build_cityscapes(args.data)
+    elif args.dataset_type == "ade20k":
+        splits = build_ade20k(args.data)
+    else:
+        splits = load_segmentation_dataset(args.data, image_column=args.image_column, label_column=args.label_column)
+    for name in (args.train_split, args.eval_split):
+        if name not in splits:
+            raise ValueError(f"{args.data} has no split '{name}' (splits: {', '.join(splits)}).")
+    evaluation = splits[args.eval_split]
+    if args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
+    return splits[args.train_split], evaluation, label_names(splits)
+
+
+def image_processor_for(dataset_type):
+    """The processor exported with the model: the data set's raw-file conventions (label ids, ADE20K resize)."""
+    return PCAAImageProcessor(**IMAGE_PROCESSOR_SETTINGS.get(dataset_type, {}))
+
+
+def build_model(args, id2label):
+    """A new PCAA model for `id2label`, or the weights of `model_name_or_path` (their label set must match)."""
+    if args.model_name_or_path:
+        model = PCAAForSemanticSegmentation.from_pretrained(args.model_name_or_path)
+        if model.config.num_labels != len(id2label):
+            raise ValueError(f"{args.model_name_or_path} predicts {model.config.num_labels} classes; the data set "
+                             f"has {len(id2label)}.")
+        return model
+    id2label, label2id = label_maps([id2label[index] for index in sorted(id2label)])
+    config = PCAAConfig(
+        backbone_depth=args.backbone_depth, output_stride=args.output_stride, multi_grid=args.multi_grid,
+        bins=[tuple(grid) for grid in args.bins], hidden_size=args.hidden_size,
+        auxiliary_hidden_size=args.auxiliary_hidden_size, classifier_dropout=args.classifier_dropout,
+        use_ohem=args.use_ohem, num_labels=len(id2label), id2label=id2label, label2id=label2id,
+    )
+    return PCAAForSemanticSegmentation(config)
+
+
+def poly_schedule(optimizer, max_steps, power):
+    """The authors' per-iteration decay: lr_i = lr * (1 - i / max_steps) ** power for update i = 0, 1, ..."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / max_steps) ** power)
+
+
+class AugmentedExamples(Dataset):
+    """
+    Items are (epoch, index) pairs: example `index` of `split`, augmented by `transform` with a generator seeded by
+    (seed, epoch, index) — the same pixels however the run was split, resumed or distributed.
+    """
+
+    def __init__(self, split, transform, seed):
+        self.split, self.transform, self.seed = split, transform, seed
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, item):
+        epoch, index = item
+        example = self.split[index]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        pixel_values, labels = self.transform.augment(*as_arrays(example["image"], example["label"]), rng)
+        return {"pixel_values": pixel_values, "labels": labels}
+
+
+def epoch_batches(num_examples, batch_size, num_processes, process_index, seed, epoch):
+    """
+    This process's batches of one epoch, as lists of (epoch, index): a permutation seeded by (seed, epoch) cut into
+    global batches of `batch_size * num_processes` (the incomplete last one dropped), each process taking its slice.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_examples, generator=generator).tolist()
+    global_size = batch_size * num_processes
+    return [[(epoch, index) for index in order[start + process_index * batch_size:
+                                                 start + (process_index + 1) * batch_size]]
+            for start in range(0, num_examples - global_size + 1, global_size)]
+
+
+def complete_checkpoints(folder):
+    """(step, path) of the complete checkpoints in `folder`, oldest first (partial ones have another name)."""
+    folder = Path(folder)
+    found = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = CHECKPOINT_PATTERN.fullmatch(path.name)
+            if match and (path / TRAINER_STATE).is_file():
+                found.append((int(match[1]), path))
+    return sorted(found)
+
+
+def resolve_checkpoint(resume_from_checkpoint, output_dir):
+    """The checkpoint folder to resume from: a path, or "latest" (None when there is none yet)."""
+    if resume_from_checkpoint == "latest":
+        checkpoints = complete_checkpoints(Path(output_dir) / "checkpoints")
+        return checkpoints[-1][1] if checkpoints else None
+    path = Path(resume_from_checkpoint)
+    if not (path / TRAINER_STATE).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {path} is not a complete checkpoint folder (it has no "
+                                f"{TRAINER_STATE}).")
+    return path
+
+
+def peak_memory_gib(device):
+    """Peak memory of this process so far: allocated GPU memory, or the resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Trainer:
+    """Runs `TrainingArguments`: `Trainer(args).train()` returns the final evaluation metrics (or None)."""
+
+    def __init__(self, args, accelerator=None, publisher=None):
+        self.args = args
+        self.accelerator = accelerator or Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+            log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir)
+        self.output_dir = Path(args.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.publisher = publisher
+        self.state = {"completed_steps": 0, "best_mean_iou": None, "best_step": None, "evaluations": []}
+        self.model = None
+
+    # ---- setup -------------------------------------------------------------------------------------------------
+    def prepare(self):
+        args, accelerator = self.args, self.accelerator
+        set_seed(args.seed)
+        self.train_split, self.eval_split, self.id2label = open_datasets(args)
+        global_batch = args.per_device_train_batch_size * accelerator.num_processes
+        if len(self.train_split) < global_batch:
+            raise ValueError(f"The train split has {len(self.train_split)} images, fewer than one batch of "
+                             f"{global_batch} ({args.per_device_train_batch_size} per process).")
+        self.processor = image_processor_for(args.dataset_type)
+        model = build_model(args, self.id2label)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if accelerator.num_processes > 1:
+            model = convert_sync_batch_norm(model, accelerator.device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # Not prepared: accelerate would step a prepared scheduler once per process at every update.
+        self.scheduler = poly_schedule(self.optimizer.optimizer, args.max_train_steps, args.poly_power)
+        accelerator.register_for_checkpointing(self.scheduler)
+        self.examples = AugmentedExamples(
+            self.train_split, TrainTransform(args.base_size, args.crop_size, image_processor=self.processor), args.seed)
+        self.evaluation = self.eval_split.with_transform(EvalTransform(image_processor=self.processor))
+        self.inference = SegmentationInference(args.eval_mode, tuple(args.eval_crop_size),
+                                               args.eval_stride and tuple(args.eval_stride))
+        if args.with_tracking:
+            accelerator.init_trackers("pcaa", config={k: str(v) for k, v in args.to_dict().items()})
+        if args.resume_from_checkpoint:
+            checkpoint = resolve_checkpoint(args.resume_from_checkpoint, self.output_dir)
+            if checkpoint is None:
+                logger.info("No checkpoint in %s yet: starting from scratch.", self.checkpoint_dir)
+            else:
+                accelerator.load_state(str(checkpoint))
+                self.state = json.loads((checkpoint / TRAINER_STATE).read_text())
+                logger.info("Resumed from %s at step %d.", checkpoint, self.state["completed_steps"])
+
+    def batches(self):
+        """This process's batches from the current position to the end of training, epoch after epoch."""
+        args, accelerator = self.args, self.accelerator
+        per_epoch = len(self.train_split) // (args.per_device_train_batch_size * accelerator.num_processes)
+        consumed = self.state["completed_steps"] * args.gradient_accumulation_steps
+        epoch, skip = divmod(consumed, per_epoch)
+        # An explicit generator: DataLoader workers would otherwise draw their seed from the global RNG, whose state
+        # the checkpoint restores for dropout.
+        generator = torch.Generator().manual_seed(args.seed)
+        while True:
+            batches = epoch_batches(len(self.train_split), args.per_device_train_batch_size,
+                                    accelerator.num_processes, accelerator.process_index, args.seed, epoch)[skip:]
+            loader = DataLoader(self.examples, batch_sampler=batches, collate_fn=collate,
+                                num_workers=args.num_workers, generator=generator,
+                                pin_memory=accelerator.device.type == "cuda")
+            for batch in loader:
+                yield {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
+            epoch, skip = epoch + 1, 0
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    def train(self):
+        self.start_time = time.perf_counter()
+        if self.model is None:
+            self.prepare()
+        args, accelerator = self.args, self.accelerator
+        total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        logger.info("Training %s on %d images (%s), %d steps of %d images (%d process(es) x %d x %d accumulated)",
+                    type(accelerator.unwrap_model(self.model)).__name__, len(self.train_split), args.data,
+                    args.max_train_steps, total_batch, accelerator.num_processes, args.per_device_train_batch_size,
+                    args.gradient_accumulation_steps)
+        with logging_redirect_tqdm():  # log lines above the progress bar, not glued to it
+            self.run_steps()
+        self.check_processes_agree()
+        metrics = self.evaluate_and_keep_best(args.max_train_steps) if len(self.eval_split) else None
+        self.export(self.output_dir / "model", metrics, "Final model")
+        if accelerator.is_main_process:
+            self.write_results(metrics)
+        if self.publisher is not None and accelerator.is_main_process:
+            for upload in self.publisher.retry_pending():
+                logger.warning("Still could not upload %s to %s; upload it later with `huggingface-cli upload`.",
+                               upload[0], self.publisher.repo_id)
+        accelerator.end_training()
+        return metrics
+
+    def run_steps(self):
+        """Optimiser updates from the current step to `max_train_steps`, logging, evaluating and checkpointing."""
+        args, accelerator = self.args, self.accelerator
+        progress = tqdm(total=args.max_train_steps, initial=self.state["completed_steps"], desc="Training",
+                        disable=not accelerator.is_local_main_process, unit="step")
+        sums, micro_batches, interval_start = {}, 0, time.perf_counter()
+        self.model.train()
+        batches = self.batches()
+        while self.state["completed_steps"] < args.max_train_steps:
+            batch = next(batches)
+            with accelerator.accumulate(self.model):
+                outputs = self.model(**batch)
+                accelerator.backward(outputs.loss)
+                self.optimizer.step()  # skipped by accelerate while gradients accumulate
+                self.optimizer.zero_grad()
+            for name in ("loss", "segmentation_loss", "auxiliary_loss", "region_loss"):
+                value = getattr(outputs, name)
+                if value is not None:
+                    sums[name] = sums.get(name, 0.0) + value.detach().float()
+            micro_batches += 1
+            if not accelerator.sync_gradients:
+                continue
+            self.scheduler.step()
+            self.state["completed_steps"] += 1
+            step = self.state["completed_steps"]
+            progress.update(1)
+            if step % args.logging_steps == 0 or step == args.max_train_steps:
+                elapsed = time.perf_counter() - interval_start
+                self.log_training(step, sums, micro_batches, elapsed, progress)
+                sums, micro_batches, interval_start = {}, 0, time.perf_counter()
+            paused = time.perf_counter()
+            if args.eval_steps and step % args.eval_steps == 0 and step != args.max_train_steps:
+                self.evaluate_and_keep_best(step)
+                self.model.train()
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                self.save_checkpoint(step)
+            interval_start += time.perf_counter() - paused  # images/s counts training time only
+        progress.close()
+
+    def check_processes_agree(self):
+        """Every process must end with the same weights and statistics (DDP and SyncBatchNorm keep them equal)."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1:
+            return
+        state = accelerator.unwrap_model(self.model).state_dict()
+        checksum = torch.stack([tensor.double().sum() for tensor in state.values()])
+        gathered = accelerator.gather(checksum[None]).cpu()
+        if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+            raise RuntimeError("The processes ended training with different weights; please report this.")
+        logger.info("Weights and BatchNorm statistics agree across the %d processes.", accelerator.num_processes)
+
+    def write_results(self, metrics):
+        """all_results.json: the final figures and the evaluations made during training."""
+        results = {"completed_steps": self.state["completed_steps"], "best_mean_iou": self.state["best_mean_iou"],
+                   "best_step": self.state["best_step"], "evaluations": self.state["evaluations"]}
+        if metrics is not None:
+            results.update({f"eval_{key}": float(metrics[key]) for key in
+                            ("mean_iou", "mean_accuracy", "overall_accuracy", "mean_iou_absent_as_zero")})
+            results["eval_num_images"] = metrics["num_images"]
+            results["eval_per_category_iou"] = {
+                self.id2label[index]: (float(value) if math.isfinite(value) else None)
+                for index, value in enumerate(metrics["per_category_iou"])}
+        partial = self.output_dir / "all_results.json.partial"
+        partial.write_text(json.dumps(results, indent=2) + "\n")
+        partial.replace(self.output_dir / "all_results.json")
+
+    def log_training(self, step, sums, micro_batches, elapsed, progress):
+        args, accelerator = self.args, self.accelerator
+        figures = {name: accelerator.reduce(total / micro_batches, reduction="mean").item()
+                   for name, total in sums.items()}
+        images = micro_batches * args.per_device_train_batch_size * accelerator.num_processes
+        figures.update(learning_rate=self.scheduler.get_last_lr()[0], images_per_second=images / elapsed,
+                       peak_memory_gib=peak_memory_gib(accelerator.device))
+        progress.set_postfix(loss=f"{figures['loss']:.4f}", lr=f"{figures['learning_rate']:.2e}")
+        logger.info("step %d: %s", step, ", ".join(f"{name} {value:.4g}" for name, value in figures.items()))
+        if args.with_tracking:
+            accelerator.log({f"train/{name}": value for name, value in figures.items()}, step=step)
+
+    # ---- evaluation, checkpoints, exports ----------------------------------------------------------------------
+    def evaluate_and_keep_best(self, step):
+        args, accelerator = self.args, self.accelerator
+        metrics = evaluate_segmentation(self.model, self.evaluation, len(self.id2label), self.inference,
+                                        accelerator=accelerator, batch_size=args.per_device_eval_batch_size,
+                                        num_workers=args.num_workers, description=f"Evaluating at step {step}")
+        mean_iou = float(metrics["mean_iou"])
+        self.state["evaluations"].append({"step": step, "mean_iou": mean_iou, "num_images": metrics["num_images"]})
+        if accelerator.is_main_process:
+            logger.info("Evaluation at step %d on %d images:\n%s", step, metrics["num_images"],
+                        results_table(metrics, self.id2label))
+        if args.with_tracking:
+            accelerator.log({"eval/mean_iou": mean_iou, "eval/mean_accuracy": float(metrics["mean_accuracy"]),
+                             "eval/overall_accuracy": float(metrics["overall_accuracy"])}, step=step)
+        best = self.state["best_mean_iou"]
+        if math.isfinite(mean_iou) and (best is None or mean_iou > best):
+            self.state.update(best_mean_iou=mean_iou, best_step=step)
+            self.export(self.output_dir / "best", metrics, f"Best model (step {step}, mIoU {mean_iou:.4f})")
+        return metrics
+
+    def save_checkpoint(self, step):
+        """Accelerate's state plus ours, written under a partial name and renamed once every process is done."""
+        accelerator = self.accelerator
+        final = self.checkpoint_dir / f"checkpoint-{step}"
+        partial = self.checkpoint_dir / f".checkpoint-{step}.partial"
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while writing it
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (partial / TRAINER_STATE).write_text(json.dumps(self.state, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            partial.replace(final)
+            checkpoints = complete_checkpoints(self.checkpoint_dir)
+            if self.args.checkpoints_total_limit:
+                for _, old in checkpoints[: -self.args.checkpoints_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+            logger.info("Saved checkpoint %s", final)
+            if self.publisher is not None and self.args.push_checkpoints:
+                self.publisher.push(final, f"Checkpoint at step {step}", path_in_repo=f"checkpoints/{final.name}")
+        accelerator.wait_for_everyone()
+
+    def export(self, folder, metrics, description):
+        """A `save_pretrained` folder with the processor, the code and a model card (main process only)."""
+        from .publishing import default_template, render_model_card, write_export
+
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(self.model)
+            template = self.args.model_card_template or default_template(model.config, self.args.dataset_type)
+            card = render_model_card(
+                template, repo_id=self.repo_id(), config=model.config, id2label=self.id2label,
+                metrics=metrics, evaluation=self.evaluation_facts(metrics), recipe=self.args.to_dict(),
+                data=self.data_facts(), training=self.training_facts())
+            write_export(folder, model, self.processor, card)
+            logger.info("%s written to %s", description, folder)
+            if self.publisher is not None:
+                self.publisher.push(folder, description)
+        accelerator.wait_for_everyone()
+
+    def evaluation_facts(self, metrics):
+        return {"dataset": self.args.dataset_type, "split": self.args.eval_split,
+                "num_images": metrics["num_images"] if metrics else 0, **self.inference.to_dict()}
+
+    def data_facts(self):
+        generated = is_generated(self.args.data)
+        name = "Generated scenes" if generated else (None if self.args.dataset_type != "datasets"
+                                                     else Path(self.args.data).name)
+        return {"dataset": name, "dataset_type": self.args.dataset_type, "source": self.args.data,
+                "generated": generated, "train_images": len(self.train_split),
+                "validation_images": len(self.eval_split)}
+
+    def repo_id(self):
+        """The card's model id: --hub_model_id, else a descriptive name."""
+        if self.args.hub_model_id:
+            return self.args.hub_model_id
+        depth = self.accelerator.unwrap_model(self.model).config.backbone_depth
+        generated = "generated-" if is_generated(self.args.data) else ""
+        return f"pcaa-r{depth}-{generated}{self.args.dataset_type}"
+
+    def training_facts(self):
+        accelerator, args = self.accelerator, self.args
+        return {"steps": self.state["completed_steps"], "processes": accelerator.num_processes,
+                "total_batch_size": args.per_device_train_batch_size * accelerator.num_processes
+                * args.gradient_accumulation_steps, "mixed_precision": accelerator.mixed_precision,
+                "hardware": str(accelerator.device), "wall_time_seconds": time.perf_counter() - self.start_time}
+
+
+__all__ = ["Trainer", "TrainingArguments", "epoch_batches", "poly_schedule", "resolve_checkpoint"]
