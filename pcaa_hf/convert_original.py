@@ -106,16 +106,15 @@ def _listing(items):
     return "\n".join(f"  {item}" for item in sorted(items))
 
 
-def convert_original_state_dict(state_dict, model, dropout):
+def match_state_dict(state_dict, expected, rename, optional=()):
     """
-    Rename the authors' keys to ours and check them against `model`: every key of the checkpoint must map to a key of
-    the model with the same shape, and every key of the model must be given. Raises `CheckpointMismatchError` listing
-    every offending key otherwise; nothing is dropped silently.
+    Rename `state_dict`'s keys with `rename` (None: no place) and compare them with the `expected` state dict.
+    Returns (converted, problems): the tensors that fit, and a description of each unexpected, missing (except keys
+    ending with one of `optional`) and mismatched-shape key — nothing is dropped silently.
     """
-    expected = model.state_dict()
     converted, provided, unexpected, mismatched = {}, set(), [], []
     for key, value in state_dict.items():
-        new_key = original_key_to_hf(key, dropout)
+        new_key = rename(key)
         if new_key is None or new_key not in expected:
             unexpected.append(key)
             continue
@@ -124,7 +123,7 @@ def convert_original_state_dict(state_dict, model, dropout):
             mismatched.append(f"{key} -> {new_key}: checkpoint {tuple(value.shape)}, model {tuple(expected[new_key].shape)}")
         else:
             converted[new_key] = value
-    missing = [key for key in expected if key not in provided]
+    missing = [key for key in expected if key not in provided and not key.endswith(tuple(optional))]
     problems = []
     if unexpected:
         problems.append(f"{len(unexpected)} checkpoint key(s) with no place in the requested model:\n{_listing(unexpected)}")
@@ -132,6 +131,16 @@ def convert_original_state_dict(state_dict, model, dropout):
         problems.append(f"{len(missing)} model key(s) the checkpoint does not provide:\n{_listing(missing)}")
     if mismatched:
         problems.append(f"{len(mismatched)} key(s) with mismatched shapes:\n{_listing(mismatched)}")
+    return converted, problems
+
+
+def convert_original_state_dict(state_dict, model, dropout):
+    """
+    Rename the authors' keys to ours and check them against `model`: every key of the checkpoint must map to a key of
+    the model with the same shape, and every key of the model must be given. Raises `CheckpointMismatchError` listing
+    every offending key otherwise; nothing is dropped silently.
+    """
+    converted, problems = match_state_dict(state_dict, model.state_dict(), lambda key: original_key_to_hf(key, dropout))
     if problems:
         hints = []
         if not dropout and any(key.startswith("head.conv_seg.4.") for key in state_dict):

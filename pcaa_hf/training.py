@@ -37,6 +37,7 @@ from .image_processing_pcaa import PCAAImageProcessor
 from .inference import SegmentationInference
 from .label_sets import IMAGE_PROCESSOR_SETTINGS, label_maps
 from .modeling_pcaa import PCAAForSemanticSegmentation
+from .pretrained_backbones import load_pretrained_backbone
 from .sync_batch_norm import convert_sync_batch_norm
 from .synthetic import is_generated
 from .segmentation_data import build_ade20k, build_cityscapes, label_names, load_segmentation_dataset
@@ -122,9 +123,8 @@ class TrainingArguments:
             problems.append(f"learning_rate must be positive, got {self.learning_rate}")
         if self.push_to_hub and not self.hub_model_id:
             problems.append("push_to_hub needs hub_model_id (e.g. you/pcaa-r50-cityscapes)")
-        if self.pretrained_backbone is not None:
-            problems.append("pretrained_backbone: loading open-mmlab ImageNet ResNet-V1c weights is not available "
-                            "yet (it is the backbone issue's work); train from scratch or from model_name_or_path")
+        if self.pretrained_backbone is not None and self.model_name_or_path is not None:
+            problems.append("pretrained_backbone and model_name_or_path both give backbone weights: pass one")
         if problems:
             raise ValueError("Invalid training arguments: " + "; ".join(problems) + ".")
 
@@ -155,7 +155,10 @@ def image_processor_for(dataset_type):
 
 
 def build_model(args, id2label):
-    """A new PCAA model for `id2label`, or the weights of `model_name_or_path` (their label set must match)."""
+    """
+    A new PCAA model for `id2label` (its backbone from ImageNet weights with `pretrained_backbone`), or the weights
+    of `model_name_or_path` (their label set must match).
+    """
     if args.model_name_or_path:
         model = PCAAForSemanticSegmentation.from_pretrained(args.model_name_or_path)
         if model.config.num_labels != len(id2label):
@@ -169,7 +172,11 @@ def build_model(args, id2label):
         auxiliary_hidden_size=args.auxiliary_hidden_size, classifier_dropout=args.classifier_dropout,
         use_ohem=args.use_ohem, num_labels=len(id2label), id2label=id2label, label2id=label2id,
     )
-    return PCAAForSemanticSegmentation(config)
+    model = PCAAForSemanticSegmentation(config)
+    if args.pretrained_backbone:
+        load_pretrained_backbone(model, args.pretrained_backbone)
+        logger.info("Backbone initialised from %s", args.pretrained_backbone)
+    return model
 
 
 def poly_schedule(optimizer, max_steps, power):

@@ -61,7 +61,9 @@ def parse_args(argv=None):
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="start from a saved PCAA folder or Hub id (fine-tuning)")
-    model.add_argument("--pretrained_backbone", help="open-mmlab ImageNet ResNet-V1c checkpoint (not available yet)")
+    model.add_argument("--pretrained_backbone",
+                       help="ImageNet weights for the backbone: open-mmlab's resnet{18,50,101}_v1c .pth file (as the "
+                            "paper), or its safetensors conversion (scripts/convert_openmmlab_backbone.py)")
     model.add_argument("--backbone_depth", type=int, default=50, choices=(18, 34, 50, 101))
     model.add_argument("--output_stride", type=int, default=8, choices=(8, 16))
     model.add_argument("--multi_grid", action="store_true", help="stage-4 dilations x(1, 2, 4) (ADE20K recipe)")
@@ -123,7 +125,7 @@ def main(argv=None):
     trainer = Trainer(args, publisher=publisher)
     try:
         trainer.prepare()  # data, model, resume: where a wrong argument or file shows up
-    except (OSError, ValueError, KeyError, StrictDataclassError) as error:
+    except (OSError, ValueError, KeyError, StrictDataclassError) as error:  # CheckpointMismatchError included
         print(f"error: {error}", file=sys.stderr)
         return 2
     metrics = trainer.train()

@@ -49,8 +49,9 @@ def test_arguments_are_checked_by_name():
         TrainingArguments(output_dir="x", dataset_type="cityscapes", data="d", max_train_steps=0)
     with pytest.raises(ValueError, match="push_to_hub needs hub_model_id"):
         TrainingArguments(output_dir="x", dataset_type="cityscapes", data="d", push_to_hub=True)
-    with pytest.raises(ValueError, match="pretrained_backbone"):
-        TrainingArguments(output_dir="x", dataset_type="cityscapes", data="d", pretrained_backbone="r50.pth")
+    with pytest.raises(ValueError, match="pretrained_backbone and model_name_or_path"):
+        TrainingArguments(output_dir="x", dataset_type="cityscapes", data="d", pretrained_backbone="r50.pth",
+                          model_name_or_path="pcaa-r50")
 
 
 def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
