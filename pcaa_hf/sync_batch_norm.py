@@ -20,11 +20,13 @@ class CPUSyncBatchNorm2d(nn.BatchNorm2d):
     def forward(self, input):
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(input)
-        channels = input.shape[1]
-        count = torch.tensor([input.numel() // channels], dtype=input.dtype, device=input.device)
+        # Statistics in float32 whatever autocast gives (bf16 sums would lose precision; the buffers are float32).
+        data = input.float()
+        channels = data.shape[1]
+        count = torch.tensor([data.numel() // channels], dtype=torch.float32, device=data.device)
         total = dist_functional.all_reduce(count)
-        mean = dist_functional.all_reduce(input.sum(dim=(0, 2, 3))) / total
-        centred = input - mean[None, :, None, None]
+        mean = dist_functional.all_reduce(data.sum(dim=(0, 2, 3))) / total
+        centred = data - mean[None, :, None, None]
         variance = dist_functional.all_reduce(centred.square().sum(dim=(0, 2, 3))) / total
         if self.track_running_stats:
             with torch.no_grad():
@@ -36,7 +38,7 @@ class CPUSyncBatchNorm2d(nn.BatchNorm2d):
         normalised = centred * torch.rsqrt(variance + self.eps)[None, :, None, None]
         if self.affine:
             normalised = normalised * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        return normalised
+        return normalised.to(input.dtype)
 
 
 def convert_sync_batch_norm(model, device):

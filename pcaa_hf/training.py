@@ -38,6 +38,7 @@ from .inference import SegmentationInference
 from .label_sets import IMAGE_PROCESSOR_SETTINGS, label_maps
 from .modeling_pcaa import PCAAForSemanticSegmentation
 from .pretrained_backbones import load_pretrained_backbone
+from .publishing import default_template, render_model_card, write_export
 from .sync_batch_norm import convert_sync_batch_norm
 from .synthetic import is_generated
 from .segmentation_data import build_ade20k, build_cityscapes, label_names, load_segmentation_dataset
@@ -259,12 +260,17 @@ class Trainer:
         self.output_dir = Path(args.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.publisher = publisher
-        self.state = {"completed_steps": 0, "best_mean_iou": None, "best_step": None, "evaluations": []}
+        self.start_time = time.perf_counter()
+        self.state = {"completed_steps": 0, "best_mean_iou": None, "best_step": None, "evaluations": [],
+                      "settings": None}
         self.model = None
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def prepare(self):
         args, accelerator = self.args, self.accelerator
+        if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+            raise ValueError("mixed_precision fp16 does nothing on CPUs (it would silently train in float32): use bf16 "
+                             "or no.")
         set_seed(args.seed)
         self.train_split, self.eval_split, self.id2label = open_datasets(args)
         global_batch = args.per_device_train_batch_size * accelerator.num_processes
@@ -277,6 +283,9 @@ class Trainer:
             model.gradient_checkpointing_enable()
         if accelerator.num_processes > 1:
             model = convert_sync_batch_norm(model, accelerator.device)
+            synced = sum("SyncBatchNorm" in type(module).__name__ for module in model.modules())
+            logger.info("SyncBatchNorm: %d BatchNorm layers synchronised across %d processes (%s)", synced,
+                        accelerator.num_processes, accelerator.device.type)
         optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -290,14 +299,39 @@ class Trainer:
                                                args.eval_stride and tuple(args.eval_stride))
         if args.with_tracking:
             accelerator.init_trackers("pcaa", config={k: str(v) for k, v in args.to_dict().items()})
+        self.state["settings"] = self.settings()
         if args.resume_from_checkpoint:
             checkpoint = resolve_checkpoint(args.resume_from_checkpoint, self.output_dir)
             if checkpoint is None:
                 logger.info("No checkpoint in %s yet: starting from scratch.", self.checkpoint_dir)
             else:
-                accelerator.load_state(str(checkpoint))
-                self.state = json.loads((checkpoint / TRAINER_STATE).read_text())
-                logger.info("Resumed from %s at step %d.", checkpoint, self.state["completed_steps"])
+                self.resume(checkpoint)
+        # A template that cannot be rendered must fail now, not after the training it would describe.
+        self.model_card(accelerator.unwrap_model(self.model), None)
+
+    def settings(self):
+        """What fixes the data position and the schedule: a resumed run must keep them."""
+        args = self.args
+        return {"num_processes": self.accelerator.num_processes,
+                "per_device_train_batch_size": args.per_device_train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
+                "train_images": len(self.train_split), "max_train_steps": args.max_train_steps}
+
+    def resume(self, checkpoint):
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        changed = {name: (value, self.state["settings"][name]) for name, value in (state.get("settings") or {}).items()
+                   if self.state["settings"].get(name) != value}
+        if changed:
+            raise ValueError(f"Cannot resume from {checkpoint}: the run changed " + ", ".join(
+                f"{name} from {old} to {new}" for name, (old, new) in changed.items()) + " (resuming needs the "
+                "same batches and schedule; start a new --output_dir or use --model_name_or_path to fine-tune).")
+        try:
+            self.accelerator.load_state(str(checkpoint))
+        except (RuntimeError, KeyError) as error:
+            raise ValueError(f"Cannot resume from {checkpoint}: its state does not fit this model and optimiser "
+                             f"({str(error).splitlines()[0]}).") from error
+        self.state = {**state, "settings": self.state["settings"]}
+        logger.info("Resumed from %s at step %d.", checkpoint, self.state["completed_steps"])
 
     def batches(self):
         """This process's batches from the current position to the end of training, epoch after epoch."""
@@ -320,7 +354,6 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     def train(self):
-        self.start_time = time.perf_counter()
         if self.model is None:
             self.prepare()
         args, accelerator = self.args, self.accelerator
@@ -365,13 +398,14 @@ class Trainer:
             micro_batches += 1
             if not accelerator.sync_gradients:
                 continue
+            learning_rate = self.scheduler.get_last_lr()[0]  # the rate this update used
             self.scheduler.step()
             self.state["completed_steps"] += 1
             step = self.state["completed_steps"]
             progress.update(1)
             if step % args.logging_steps == 0 or step == args.max_train_steps:
                 elapsed = time.perf_counter() - interval_start
-                self.log_training(step, sums, micro_batches, elapsed, progress)
+                self.log_training(step, sums, micro_batches, elapsed, progress, learning_rate)
                 sums, micro_batches, interval_start = {}, 0, time.perf_counter()
             paused = time.perf_counter()
             if args.eval_steps and step % args.eval_steps == 0 and step != args.max_train_steps:
@@ -409,12 +443,12 @@ class Trainer:
         partial.write_text(json.dumps(results, indent=2) + "\n")
         partial.replace(self.output_dir / "all_results.json")
 
-    def log_training(self, step, sums, micro_batches, elapsed, progress):
+    def log_training(self, step, sums, micro_batches, elapsed, progress, learning_rate):
         args, accelerator = self.args, self.accelerator
         figures = {name: accelerator.reduce(total / micro_batches, reduction="mean").item()
                    for name, total in sums.items()}
         images = micro_batches * args.per_device_train_batch_size * accelerator.num_processes
-        figures.update(learning_rate=self.scheduler.get_last_lr()[0], images_per_second=images / elapsed,
+        figures.update(learning_rate=learning_rate, images_per_second=images / elapsed,
                        peak_memory_gib=peak_memory_gib(accelerator.device))
         progress.set_postfix(loss=f"{figures['loss']:.4f}", lr=f"{figures['learning_rate']:.2e}")
         logger.info("step %d: %s", step, ", ".join(f"{name} {value:.4g}" for name, value in figures.items()))
@@ -456,7 +490,9 @@ class Trainer:
             (partial / TRAINER_STATE).write_text(json.dumps(self.state, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             partial.replace(final)
-            checkpoints = complete_checkpoints(self.checkpoint_dir)
+            # Rotate among this run's checkpoints up to now: newer ones (left by an earlier run resumed from an older
+            # checkpoint) are not this run's to delete, and the one just written is always kept.
+            checkpoints = [(number, path) for number, path in complete_checkpoints(self.checkpoint_dir) if number <= step]
             if self.args.checkpoints_total_limit:
                 for _, old in checkpoints[: -self.args.checkpoints_total_limit]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -467,22 +503,22 @@ class Trainer:
 
     def export(self, folder, metrics, description):
         """A `save_pretrained` folder with the processor, the code and a model card (main process only)."""
-        from .publishing import default_template, render_model_card, write_export
-
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(self.model)
-            template = self.args.model_card_template or default_template(model.config, self.args.dataset_type)
-            card = render_model_card(
-                template, repo_id=self.repo_id(), config=model.config, id2label=self.id2label,
-                metrics=metrics, evaluation=self.evaluation_facts(metrics), recipe=self.args.to_dict(),
-                data=self.data_facts(), training=self.training_facts())
-            write_export(folder, model, self.processor, card)
+            write_export(folder, model, self.processor, self.model_card(model, metrics))
             logger.info("%s written to %s", description, folder)
             if self.publisher is not None:
                 self.publisher.push(folder, description)
         accelerator.wait_for_everyone()
+
+    def model_card(self, model, metrics):
+        template = self.args.model_card_template or default_template(model.config, self.args.dataset_type)
+        return render_model_card(
+            template, repo_id=self.repo_id(), config=model.config, id2label=self.id2label, metrics=metrics,
+            evaluation=self.evaluation_facts(metrics), recipe=self.args.to_dict(), data=self.data_facts(),
+            training=self.training_facts())
 
     def evaluation_facts(self, metrics):
         return {"dataset": self.args.dataset_type, "split": self.args.eval_split,
@@ -510,6 +546,7 @@ class Trainer:
                 "total_batch_size": args.per_device_train_batch_size * accelerator.num_processes
                 * args.gradient_accumulation_steps, "mixed_precision": accelerator.mixed_precision,
                 "hardware": str(accelerator.device), "wall_time_seconds": time.perf_counter() - self.start_time}
+
 
 
 __all__ = ["Trainer", "TrainingArguments", "epoch_batches", "poly_schedule", "resolve_checkpoint"]

@@ -122,14 +122,16 @@ def main(argv=None):
     except ValueError as error:
         parser.error(str(error))
     publisher = HubPublisher(args.hub_model_id, token=args.hub_token) if args.push_to_hub else None
-    trainer = Trainer(args, publisher=publisher)
     try:
-        trainer.prepare()  # data, model, resume: where a wrong argument or file shows up
+        trainer = Trainer(args, publisher=publisher)
+        if not trainer.accelerator.is_main_process:  # one copy of the log, from the main process
+            logging.getLogger().setLevel(logging.WARNING)
+        trainer.prepare()  # data, model, resume, model card template: where a wrong argument or file shows up
     except (OSError, ValueError, KeyError, StrictDataclassError) as error:  # CheckpointMismatchError included
         print(f"error: {error}", file=sys.stderr)
         return 2
     metrics = trainer.train()
-    if metrics is not None:
+    if metrics is not None and trainer.accelerator.is_main_process:
         print(f"Final mIoU {float(metrics['mean_iou']):.4f} on {metrics['num_images']} images; model in "
               f"{args.output_dir}/model")
     return 0

@@ -26,6 +26,9 @@ def synced_half(rank, port, inputs, weight, bias, results):
     norm.weight.data.copy_(weight)
     norm.bias.data.copy_(bias)
     half = inputs[rank * 3:(rank + 1) * 3].clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast hands BatchNorm bf16 inputs; statistics stay fp32
+        norm(half.bfloat16())
+    norm.running_mean.zero_(), norm.running_var.fill_(1), norm.num_batches_tracked.zero_()
     output = norm(half)
     weights = torch.arange(inputs[:6].numel()).view_as(inputs[:6]).sin()[rank * 3:(rank + 1) * 3]
     (output * weights).sum().backward()

@@ -3,6 +3,7 @@ CPU processes, and a two-process `accelerate launch` run."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -135,14 +136,25 @@ def test_two_cpu_processes_with_sync_batch_norm_checkpoint_resume_and_evaluation
     launcher = ("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()))
     output_dir = tmp_path / "two_processes"
-    arguments = training_arguments(generated_data, output_dir, 2, "--per_device_train_batch_size", "2")
+    arguments = training_arguments(generated_data, output_dir, 4, "--per_device_train_batch_size", "2")
     first = finish(run_training(arguments, launcher, env={"ACCELERATE_USE_CPU": "1"}))
     assert "agree across the 2 processes" in first
+    from pcaa_hf import PCAAConfig, PCAAForSemanticSegmentation
+
+    model = PCAAForSemanticSegmentation(PCAAConfig(backbone_depth=18, hidden_size=32, auxiliary_hidden_size=16))
+    batch_norms = sum(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
+    assert f"SyncBatchNorm: {batch_norms} BatchNorm layers synchronised across 2 processes (cpu)" in first
+    uninterrupted = load_file(output_dir / "model" / "model.safetensors")
+    shutil.rmtree(output_dir / "checkpoints" / "checkpoint-4")  # as if killed between steps 2 and 4
     arguments = training_arguments(generated_data, output_dir, 4, "--per_device_train_batch_size", "2",
                                    "--resume_from_checkpoint", "latest")
     launcher = (*launcher[:-1], str(free_port()))
     second = finish(run_training(arguments, launcher, env={"ACCELERATE_USE_CPU": "1"}))
-    assert "Resumed from" in second and "agree across the 2 processes" in second
+    assert "Resumed from" in second and "checkpoint-2" in second and "agree across the 2 processes" in second
+    assert second.count("Resumed from") == 1  # logged by the main process only
+    resumed = load_file(output_dir / "model" / "model.safetensors")
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(tensor, resumed[name]), name
     results = json.loads((output_dir / "all_results.json").read_text())
     assert results["completed_steps"] == 4
     assert results["eval_num_images"] == 3  # 3 validation images over 2 processes: each counted exactly once
@@ -201,3 +213,25 @@ def test_unreachable_hub_never_stops_training_and_uploads_are_retried_at_the_end
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert ("you/pcaa-test", "model") in hub.uploads  # failed during training, uploaded by the retry at the end
     assert list((tmp_path / "run").rglob("events.out.tfevents*")), "no tensorboard event file"
+
+
+def small_arguments(data, output, **overrides):
+    settings = dict(output_dir=str(output), dataset_type="cityscapes", data=str(data), backbone_depth=18,
+                    hidden_size=32, auxiliary_hidden_size=16, base_size=(64, 32), crop_size=(32, 32), num_workers=0,
+                    max_train_steps=2, per_device_train_batch_size=4, checkpointing_steps=2)
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def test_setup_refuses_a_broken_template_and_a_changed_run_before_training(generated_data, tmp_path):
+    from pcaa_hf.training import Trainer
+
+    with pytest.raises(FileNotFoundError):
+        Trainer(small_arguments(generated_data, tmp_path / "a", model_card_template=str(tmp_path / "typo.md"))).prepare()
+    assert not (tmp_path / "a" / "checkpoints").exists()
+
+    Trainer(small_arguments(generated_data, tmp_path / "b")).train()
+    changed = small_arguments(generated_data, tmp_path / "b", per_device_train_batch_size=2, max_train_steps=4,
+                              resume_from_checkpoint="latest")
+    with pytest.raises(ValueError, match="per_device_train_batch_size from 4 to 2.*max_train_steps from 2 to 4"):
+        Trainer(changed).prepare()
