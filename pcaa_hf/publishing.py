@@ -52,16 +52,19 @@ MEAN_METRICS = (
 def default_template(config, dataset_type):
     """
     The template for a configuration: the paper's three published settings (ResNet-50 or ResNet-101 on Cityscapes,
-    ResNet-101 with multi-grid on ADE20K) get their own card, anything else the generic one.
+    ResNet-101 with multi-grid on ADE20K; output stride 8, a 512-wide head, one 4x4 grid) get their own card,
+    anything else the generic one.
 
     config: a `PCAAConfig`; dataset_type: "cityscapes", "ade20k", "datasets" or None (unknown).
     Raises `FileNotFoundError` when the repository's `model_cards/` folder is missing (an installed wheel).
     """
-    if config.backbone_depth == 50 and dataset_type == "cityscapes":
+    # The paper's head and grid at output stride 8; anything else is not one of its configurations.
+    paper_head = config.output_stride == 8 and config.hidden_size == 512 and [tuple(g) for g in config.bins] == [(4, 4)]
+    if paper_head and config.backbone_depth == 50 and not config.multi_grid and dataset_type == "cityscapes":
         name = "pcaa_r50_cityscapes.md"
-    elif config.backbone_depth == 101 and dataset_type == "cityscapes":
+    elif paper_head and config.backbone_depth == 101 and not config.multi_grid and dataset_type == "cityscapes":
         name = "pcaa_r101_cityscapes.md"
-    elif config.backbone_depth == 101 and config.multi_grid and dataset_type == "ade20k":
+    elif paper_head and config.backbone_depth == 101 and config.multi_grid and dataset_type == "ade20k":
         name = "pcaa_r101_ade20k.md"
     else:
         name = GENERIC_TEMPLATE

@@ -120,6 +120,12 @@ class TrainingArguments:
         for name in ("checkpointing_steps", "checkpoints_total_limit", "eval_steps", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1 (or left out), got {getattr(self, name)}")
+        if self.num_workers < 0:
+            problems.append(f"num_workers must be 0 or more, got {self.num_workers}")
+        for name in ("base_size", "crop_size", "eval_crop_size") + (("eval_stride",) if self.eval_stride else ()):
+            value = getattr(self, name)
+            if len(value) != 2 or min(value) < 1:
+                problems.append(f"{name} must be two positive integers, got {value}")
         if self.learning_rate <= 0:
             problems.append(f"learning_rate must be positive, got {self.learning_rate}")
         if self.push_to_hub and not self.hub_model_id:
@@ -509,8 +515,8 @@ class Trainer:
             model = accelerator.unwrap_model(self.model)
             write_export(folder, model, self.processor, self.model_card(model, metrics))
             logger.info("%s written to %s", description, folder)
-            if self.publisher is not None:
-                self.publisher.push(folder, description)
+            if self.publisher is not None:  # the final model at the repository's root, the best one beside it
+                self.publisher.push(folder, description, path_in_repo=None if folder.name == "model" else folder.name)
         accelerator.wait_for_everyone()
 
     def model_card(self, model, metrics):

@@ -173,7 +173,7 @@ def test_mismatched_classes_are_refused():
 
 def test_default_template_picks_the_paper_settings_or_the_generic_card():
     def chosen(dataset_type, **settings):
-        return default_template(small_config(**settings), dataset_type).name
+        return default_template(small_config(**{"hidden_size": 512, **settings}), dataset_type).name
 
     assert chosen("cityscapes", backbone_depth=50) == "pcaa_r50_cityscapes.md"
     assert chosen("cityscapes", backbone_depth=101) == "pcaa_r101_cityscapes.md"
@@ -182,6 +182,11 @@ def test_default_template_picks_the_paper_settings_or_the_generic_card():
     assert chosen("cityscapes", backbone_depth=18) == "pcaa_generic.md"
     assert chosen("datasets", backbone_depth=50) == "pcaa_generic.md"
     assert chosen(None, backbone_depth=50) == "pcaa_generic.md"
+    # Not the paper's head or grid: not the paper's configuration.
+    assert chosen("cityscapes", backbone_depth=50, output_stride=16) == "pcaa_generic.md"
+    assert chosen("cityscapes", backbone_depth=50, hidden_size=64) == "pcaa_generic.md"
+    assert chosen("cityscapes", backbone_depth=101, multi_grid=True) == "pcaa_generic.md"
+    assert chosen("cityscapes", backbone_depth=50, bins=[(2, 2), (4, 4)]) == "pcaa_generic.md"
 
 
 def test_default_template_asks_for_a_path_without_the_repository(monkeypatch, tmp_path):
