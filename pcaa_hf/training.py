@@ -267,6 +267,7 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.publisher = publisher
         self.start_time = time.perf_counter()
+        self.earlier_seconds = 0.0  # wall time of the run segments before a resume
         self.state = {"completed_steps": 0, "best_mean_iou": None, "best_step": None, "evaluations": [],
                       "settings": None}
         self.model = None
@@ -337,6 +338,7 @@ class Trainer:
             raise ValueError(f"Cannot resume from {checkpoint}: its state does not fit this model and optimiser "
                              f"({str(error).splitlines()[0]}).") from error
         self.state = {**state, "settings": self.state["settings"]}
+        self.earlier_seconds = state.get("wall_time_seconds", 0.0)
         logger.info("Resumed from %s at step %d.", checkpoint, self.state["completed_steps"])
 
     def batches(self):
@@ -493,6 +495,7 @@ class Trainer:
         accelerator.save_state(str(partial))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            self.state["wall_time_seconds"] = self.wall_time_seconds()
             (partial / TRAINER_STATE).write_text(json.dumps(self.state, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             partial.replace(final)
@@ -551,7 +554,11 @@ class Trainer:
         return {"steps": self.state["completed_steps"], "processes": accelerator.num_processes,
                 "total_batch_size": args.per_device_train_batch_size * accelerator.num_processes
                 * args.gradient_accumulation_steps, "mixed_precision": accelerator.mixed_precision,
-                "hardware": str(accelerator.device), "wall_time_seconds": time.perf_counter() - self.start_time}
+                "hardware": str(accelerator.device), "wall_time_seconds": self.wall_time_seconds()}
+
+    def wall_time_seconds(self):
+        """The whole run's wall time so far, resumed segments included."""
+        return self.earlier_seconds + time.perf_counter() - self.start_time
 
 
 
