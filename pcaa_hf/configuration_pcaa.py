@@ -1,7 +1,7 @@
 """Configuration of PCAA (Partial Class Activation Attention, Liu et al., CVPR 2022)."""
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+from transformers import CONFIG_MAPPING, PreTrainedConfig
 
 BACKBONE_DEPTHS = (18, 34, 50, 101)
 OUTPUT_STRIDES = (8, 16)
@@ -16,6 +16,12 @@ class PCAAConfig(PreTrainedConfig):
     labels unless `id2label`/`label2id` or `num_labels` are given.
 
     Args:
+        backbone_config (`PreTrainedConfig` or `dict`, *optional*):
+            A transformers backbone configuration (e.g. `ResNetConfig`, `ConvNextConfig`, `SwinConfig`, or a dict
+            with its `model_type`) whose `out_features` name at least two stages: the PCAA head sits on the last
+            feature map, the auxiliary head on the one before, whatever their strides and widths. When given,
+            `backbone_depth`, `output_stride`, `multi_grid` and `num_channels` are not used. Default: the paper's
+            dilated ResNet "v1c" below.
         backbone_depth (`int`, *optional*, defaults to 50):
             Depth of the dilated ResNet "v1c" backbone: 18 or 34 (basic blocks, for small fast runs), 50 or 101
             (bottleneck blocks, as in the paper).
@@ -70,6 +76,7 @@ class PCAAConfig(PreTrainedConfig):
 
     model_type = "pcaa"
 
+    backbone_config: dict | PreTrainedConfig | None = None
     backbone_depth: int = 50
     output_stride: int = 8
     multi_grid: bool = False
@@ -91,11 +98,28 @@ class PCAAConfig(PreTrainedConfig):
     initializer_range: float = 0.01
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.backbone_config, dict):  # as stored in config.json
+            settings = dict(self.backbone_config)
+            model_type = settings.pop("model_type", None)
+            if model_type not in CONFIG_MAPPING:
+                raise ValueError(f"`backbone_config` needs the `model_type` of a transformers backbone, got "
+                                 f"{model_type!r}.")
+            self.backbone_config = CONFIG_MAPPING[model_type](**settings)
         if self.id2label is None and "num_labels" not in kwargs:
             kwargs["num_labels"] = DEFAULT_NUM_LABELS
         super().__post_init__(**kwargs)
 
     def validate_backbone(self):
+        if self.backbone_config is not None:
+            features = getattr(self.backbone_config, "out_features", None)
+            if features is None:
+                raise ValueError(f"`backbone_config` ({type(self.backbone_config).__name__}) is not a backbone "
+                                 "configuration: it has no `out_features`.")
+            needed = 2 if self.use_auxiliary_head else 1
+            if len(features) < needed:
+                raise ValueError(f"`backbone_config.out_features` must name at least {needed} stages (the PCAA head "
+                                 "uses the last, the auxiliary head the one before), got "
+                                 f"{list(features)}; e.g. out_features=['stage3', 'stage4'].")
         if self.backbone_depth not in BACKBONE_DEPTHS:
             raise ValueError(f"`backbone_depth` must be one of {BACKBONE_DEPTHS}, got {self.backbone_depth}.")
         if self.output_stride not in OUTPUT_STRIDES:

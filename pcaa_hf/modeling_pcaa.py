@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
+from transformers.backbone_utils import load_backbone
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SemanticSegmenterOutput
@@ -312,7 +313,8 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
 
     def __init__(self, config: PCAAConfig):
         super().__init__(config)
-        self.backbone = PCAAResNetBackbone(config)
+        # Any transformers backbone when configured (it returns BackboneOutput.feature_maps), else the paper's ResNet.
+        self.backbone = PCAAResNetBackbone(config) if config.backbone_config is None else load_backbone(config)
         self.decode_head = PCAADecodeHead(config, self.backbone.channels[-1])
         self.auxiliary_head = (
             PCAAAuxiliaryHead(config, self.backbone.channels[-2]) if config.use_auxiliary_head else None
@@ -346,6 +348,8 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
             )
 
         hidden_states = self.backbone(pixel_values)
+        if self.config.backbone_config is not None:
+            hidden_states = hidden_states.feature_maps
         logits, region_class_scores = self.decode_head(hidden_states[-1])
         auxiliary_logits = None
         if self.auxiliary_head is not None and (self.training or labels is not None):
