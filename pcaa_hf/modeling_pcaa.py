@@ -286,6 +286,9 @@ class PCAAPreTrainedModel(PreTrainedModel):
     def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, every_n_layers=1):
         # A plain checkpoint recomputes each layer in the backward pass and so updates its BatchNorm running
         # statistics twice; recompute with throwaway statistics instead. Needs use_reentrant=False (the default).
+        if enable and not any(isinstance(module, GradientCheckpointingLayer) for module in self.modules()):
+            raise ValueError(f"Gradient checkpointing recomputes backbone layers, and {type(self.backbone).__name__} "
+                             "has none that transformers can checkpoint; train without it or use another backbone.")
         super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
         for module in self.modules():
             if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
@@ -372,9 +375,11 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def _check_inputs(self, pixel_values, labels):
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
+        backbone_config = self.config.backbone_config
+        num_channels = self.config.num_channels if backbone_config is None else backbone_config.num_channels
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
             raise ValueError(
-                f"`pixel_values` must have shape (batch_size, {self.config.num_channels}, height, width), "
+                f"`pixel_values` must have shape (batch_size, {num_channels}, height, width), "
                 f"got {tuple(pixel_values.shape)}."
             )
         batch, _, height, width = pixel_values.shape
@@ -382,8 +387,9 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
             raise ValueError("`pixel_values` is an empty batch.")
         if height == 0 or width == 0:
             raise ValueError(f"`pixel_values` has an empty image size {height}x{width}.")
+        # The paper's backbone's stride is known; another backbone's smallest maps are checked by its own layers.
         feature_height, feature_width = (-(-size // self.config.output_stride) for size in (height, width))
-        if self.training and batch * feature_height * feature_width == 1:
+        if backbone_config is None and self.training and batch * feature_height * feature_width == 1:
             raise ValueError(
                 f"Training normalises with batch statistics, which needs more than one value per channel: one "
                 f"{height}x{width} image gives a 1x1 feature map at output stride {self.config.output_stride}. Use a "

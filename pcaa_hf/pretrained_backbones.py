@@ -46,6 +46,9 @@ def openmmlab_backbone_state_dict(path, backbone):
 
 def load_pretrained_backbone(model, path):
     """Load ImageNet weights (see `openmmlab_backbone_state_dict`) into `model.backbone`; returns `model`."""
+    if getattr(model.config, "backbone_config", None) is not None:
+        raise ValueError(f"open-mmlab ResNet-V1c weights fit the paper's backbone, not the transformers "
+                         f"{type(model.backbone).__name__} of this model.")
     weights = openmmlab_backbone_state_dict(path, model.backbone)
     model.backbone.load_state_dict(weights, strict=False)  # strict up to the optional batch counters, checked above
     return model

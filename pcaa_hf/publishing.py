@@ -59,7 +59,8 @@ def default_template(config, dataset_type):
     Raises `FileNotFoundError` when the repository's `model_cards/` folder is missing (an installed wheel).
     """
     # The paper's head and grid at output stride 8; anything else is not one of its configurations.
-    paper_head = config.output_stride == 8 and config.hidden_size == 512 and [tuple(g) for g in config.bins] == [(4, 4)]
+    paper_head = (getattr(config, "backbone_config", None) is None and config.output_stride == 8
+                  and config.hidden_size == 512 and [tuple(g) for g in config.bins] == [(4, 4)])
     if paper_head and config.backbone_depth == 50 and not config.multi_grid and dataset_type == "cityscapes":
         name = "pcaa_r50_cityscapes.md"
     elif paper_head and config.backbone_depth == 101 and not config.multi_grid and dataset_type == "cityscapes":
@@ -75,6 +76,14 @@ def default_template(config, dataset_type):
             "which an installed package does not have. Pass the path of a template to render_model_card."
         )
     return template
+
+
+def backbone_name(config):
+    """"ResNet-50" for the paper's backbone, the transformers backbone's type (e.g. "ConvNext") otherwise."""
+    backbone_config = getattr(config, "backbone_config", None)
+    if backbone_config is None:
+        return f"ResNet-{config.backbone_depth}"
+    return type(backbone_config).__name__.removesuffix("Config")
 
 
 def percent(value):
@@ -291,7 +300,7 @@ def render_model_card(template_path, *, repo_id, config, id2label, metrics=None,
     )
     variables = dict(
         repo_id=repo_id,
-        backbone=f"ResNet-{config.backbone_depth}",
+        backbone=backbone_name(config),
         backbone_depth=config.backbone_depth,
         output_stride=config.output_stride,
         multi_grid=config.multi_grid,

@@ -38,7 +38,7 @@ from .inference import SegmentationInference
 from .label_sets import IMAGE_PROCESSOR_SETTINGS, label_maps
 from .modeling_pcaa import PCAAForSemanticSegmentation
 from .pretrained_backbones import load_pretrained_backbone
-from .publishing import default_template, render_model_card, write_export
+from .publishing import backbone_name, default_template, render_model_card, write_export
 from .sync_batch_norm import convert_sync_batch_norm
 from .synthetic import is_generated
 from .segmentation_data import build_ade20k, build_cityscapes, label_names, load_segmentation_dataset
@@ -545,9 +545,9 @@ class Trainer:
         """The card's model id: --hub_model_id, else a descriptive name."""
         if self.args.hub_model_id:
             return self.args.hub_model_id
-        depth = self.accelerator.unwrap_model(self.model).config.backbone_depth
+        backbone = backbone_name(self.accelerator.unwrap_model(self.model).config).lower().replace("resnet-", "r")
         generated = "generated-" if is_generated(self.args.data) else ""
-        return f"pcaa-r{depth}-{generated}{self.args.dataset_type}"
+        return f"pcaa-{backbone}-{generated}{self.args.dataset_type}"
 
     def training_facts(self):
         accelerator, args = self.accelerator, self.args
