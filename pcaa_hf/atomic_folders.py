@@ -1,5 +1,6 @@
 """Folders written so that a reader never sees them half-written and a failure never loses the previous version."""
 
+import json
 import os
 import shutil
 import tempfile
@@ -38,3 +39,11 @@ def write_folder_atomically(write, output, overwrite=False):
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
     return output
+
+
+def write_json_atomically(path, data):
+    """Write `data` as indented JSON to `path` through a partial file renamed into place."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    partial.replace(path)

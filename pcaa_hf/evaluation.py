@@ -7,6 +7,7 @@ logits near the padding); consecutive images of equal size share a forward.
 """
 
 import contextlib
+import math
 
 import numpy as np
 import torch
@@ -113,6 +114,20 @@ def evaluate_segmentation(model, dataset, num_labels, inference=None, accelerato
     return metric.compute(accelerator)
 
 
+def metrics_to_json(metrics, id2label):
+    """`ConfusionMatrix.compute`'s dict as JSON-ready values: per-class figures by class name, NaN as None."""
+    def number(value):
+        value = float(value)
+        return value if math.isfinite(value) else None
+
+    results = {key: number(metrics[key]) for key in ("mean_iou", "mean_accuracy", "overall_accuracy",
+                                                    "mean_iou_absent_as_zero")}
+    for key in ("per_category_iou", "per_category_accuracy"):
+        results[key] = {id2label[index]: number(value) for index, value in enumerate(metrics[key])}
+    results["num_images"] = metrics["num_images"]
+    return results
+
+
 def results_table(metrics, id2label):
     """A plain-text table of per-class IoU and accuracy (in %) followed by aAcc, mIoU and mAcc."""
     width = max([len("Class")] + [len(str(name)) for name in id2label.values()])
@@ -131,4 +146,4 @@ def results_table(metrics, id2label):
     return "\n".join(lines)
 
 
-__all__ = ["evaluate_segmentation", "process_share", "results_table"]
+__all__ = ["evaluate_segmentation", "metrics_to_json", "process_share", "results_table"]

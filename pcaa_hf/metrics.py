@@ -227,9 +227,8 @@ class ConfusionMatrix:
         if predictions.numel():
             bad_prediction = (predictions < 0) | (predictions >= num_labels)
             bad_reference = ((references < 0) | (references >= num_labels)) & ~ignored
-            if bool(bad_prediction.any()):
+            if bool((bad_prediction | bad_reference).any()):  # one device-to-host sync per batch when all is well
                 check_values(predictions[bad_prediction].cpu().numpy(), num_labels, None, "predictions", False)
-            if bool(bad_reference.any()):
                 check_values(references[bad_reference].cpu().numpy(), num_labels, self.ignore_index, "references",
                              True)
         combined = torch.where(ignored, num_labels * num_labels, references * num_labels) + predictions

@@ -26,6 +26,8 @@ EXIF_ORIENTATION = 0x0112
 FEATURES = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
 CITYSCAPES_SPLITS = {"train": "train", "validation": "val", "test": "test"}
 ADE20K_SPLITS = {"train": "training", "validation": "validation"}
+# How a data set is given: the Cityscapes or ADE20K folder layout, or anything `load_segmentation_dataset` reads.
+DATASET_TYPES = ("cityscapes", "ade20k", "datasets")
 
 
 class InvalidSampleError(ValueError):
@@ -257,6 +259,25 @@ def load_segmentation_dataset(path, image_column="image", label_column="label", 
     for split in loaded.values():
         split.info.description = describe(id2label, f"dataset:{path}")
     return loaded
+
+
+def open_dataset(dataset_type, path, **load_kwargs):
+    """The splits of the data set at `path` of one of `DATASET_TYPES`; `load_kwargs` go to `load_segmentation_dataset`."""
+    if dataset_type == "cityscapes":
+        return build_cityscapes(path)
+    if dataset_type == "ade20k":
+        return build_ade20k(path)
+    if dataset_type == "datasets":
+        return load_segmentation_dataset(path, **load_kwargs)
+    raise ValueError(f"The data set type must be one of {DATASET_TYPES}, got {dataset_type!r}.")
+
+
+def select_split(splits, name, source, max_samples=None):
+    """Split `name` of `splits` (read from `source`), cut to its first `max_samples` examples when given."""
+    if name not in splits:
+        raise ValueError(f"{source} has no split '{name}' (splits: {', '.join(splits)}).")
+    split = splits[name]
+    return split if max_samples is None else split.select(range(min(max_samples, len(split))))
 
 
 def read_id2label(id2label, local_folder):

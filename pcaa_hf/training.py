@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .configuration_pcaa import PCAAConfig
-from .evaluation import evaluate_segmentation, results_table
+from .atomic_folders import write_json_atomically
+from .evaluation import evaluate_segmentation, metrics_to_json, results_table
 from .image_processing_pcaa import PCAAImageProcessor
 from .inference import SegmentationInference
 from .label_sets import IMAGE_PROCESSOR_SETTINGS, label_maps
@@ -41,14 +42,13 @@ from .pretrained_backbones import load_pretrained_backbone
 from .publishing import backbone_name, default_template, render_model_card, write_export
 from .sync_batch_norm import convert_sync_batch_norm
 from .synthetic import is_generated
-from .segmentation_data import build_ade20k, build_cityscapes, label_names, load_segmentation_dataset
+from .segmentation_data import DATASET_TYPES, label_names, open_dataset, select_split
 from .transforms import EvalTransform, TrainTransform, as_arrays, collate
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 TRAINER_STATE = "trainer_state.json"
-DATASET_TYPES = ("cityscapes", "ade20k", "datasets")
 
 
 @dataclass
@@ -141,19 +141,9 @@ class TrainingArguments:
 
 def open_datasets(args):
     """The train and evaluation splits of `args.data` and their label names."""
-    if args.dataset_type == "cityscapes":
-        splits = build_cityscapes(args.data)
-    elif args.dataset_type == "ade20k":
-        splits = build_ade20k(args.data)
-    else:
-        splits = load_segmentation_dataset(args.data, image_column=args.image_column, label_column=args.label_column)
-    for name in (args.train_split, args.eval_split):
-        if name not in splits:
-            raise ValueError(f"{args.data} has no split '{name}' (splits: {', '.join(splits)}).")
-    evaluation = splits[args.eval_split]
-    if args.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
-    return splits[args.train_split], evaluation, label_names(splits)
+    splits = open_dataset(args.dataset_type, args.data, image_column=args.image_column, label_column=args.label_column)
+    return (select_split(splits, args.train_split, args.data),
+            select_split(splits, args.eval_split, args.data, args.max_eval_samples), label_names(splits))
 
 
 def image_processor_for(dataset_type):
@@ -441,15 +431,8 @@ class Trainer:
         results = {"completed_steps": self.state["completed_steps"], "best_mean_iou": self.state["best_mean_iou"],
                    "best_step": self.state["best_step"], "evaluations": self.state["evaluations"]}
         if metrics is not None:
-            results.update({f"eval_{key}": float(metrics[key]) for key in
-                            ("mean_iou", "mean_accuracy", "overall_accuracy", "mean_iou_absent_as_zero")})
-            results["eval_num_images"] = metrics["num_images"]
-            results["eval_per_category_iou"] = {
-                self.id2label[index]: (float(value) if math.isfinite(value) else None)
-                for index, value in enumerate(metrics["per_category_iou"])}
-        partial = self.output_dir / "all_results.json.partial"
-        partial.write_text(json.dumps(results, indent=2) + "\n")
-        partial.replace(self.output_dir / "all_results.json")
+            results.update({f"eval_{key}": value for key, value in metrics_to_json(metrics, self.id2label).items()})
+        write_json_atomically(self.output_dir / "all_results.json", results)
 
     def log_training(self, step, sums, micro_batches, elapsed, progress, learning_rate):
         args, accelerator = self.args, self.accelerator

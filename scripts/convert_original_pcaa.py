@@ -8,20 +8,15 @@ Example:
 
 import argparse
 import logging
-import re
 import sys
 
 from huggingface_hub.errors import StrictDataclassError
 
+from pcaa_hf.argument_types import region_grid
 from pcaa_hf.convert_original import ORIGINAL_BACKBONES, convert_original_checkpoint
 from pcaa_hf.label_sets import LABEL_SETS
 
 
-def region_grid(text):
-    match = re.fullmatch(r"(\d+)x(\d+)", text)
-    if not match or int(match[1]) < 1 or int(match[2]) < 1:
-        raise argparse.ArgumentTypeError(f"a bin grid is ROWSxCOLUMNS with positive integers (e.g. 4x4), got {text!r}")
-    return int(match[1]), int(match[2])
 
 
 def parse_args(argv=None):

@@ -21,7 +21,6 @@ reported beside it.
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,10 +31,12 @@ from accelerate import Accelerator
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 import pcaa_hf  # noqa: F401  (registers PCAA with the Auto classes)
-from pcaa_hf.evaluation import evaluate_segmentation, results_table
+from pcaa_hf.argument_types import non_negative_int, positive_int
+from pcaa_hf.atomic_folders import write_json_atomically
+from pcaa_hf.evaluation import evaluate_segmentation, metrics_to_json, results_table
 from pcaa_hf.inference import MODES, SegmentationInference
 from pcaa_hf.label_sets import CITYSCAPES_LABELS, IGNORE_INDEX
-from pcaa_hf.segmentation_data import build_ade20k, build_cityscapes, label_names, load_segmentation_dataset
+from pcaa_hf.segmentation_data import label_names, open_dataset, select_split
 from pcaa_hf.transforms import EvalTransform
 from pcaa_hf.visualisation import cityscapes_label_ids, colourise, palette_for
 
@@ -96,35 +97,13 @@ def parse_args(argv=None):
     return args
 
 
-def positive_int(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def non_negative_int(text):
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
-    return int(text)
-
-
 def open_split(args, id2label):
-    if args.dataset == "cityscapes":
-        splits = build_cityscapes(args.data)
-    elif args.dataset == "ade20k":
-        splits = build_ade20k(args.data)
-    else:
-        label_map = None
-        if args.label_map:
-            label_map = {int(raw): int(train_id) for raw, train_id in json.loads(args.label_map.read_text()).items()}
-        splits = load_segmentation_dataset(args.data, image_column=args.image_column, label_column=args.label_column,
-                                           id2label=id2label, reduce_labels=args.reduce_labels, label_map=label_map)
-    if args.split not in splits:
-        raise ValueError(f"{args.data} has no split '{args.split}' (splits: {', '.join(splits)}).")
-    split = splits[args.split]
-    if args.max_samples is not None:
-        split = split.select(range(min(args.max_samples, len(split))))
-    return split
+    label_map = None
+    if args.label_map:
+        label_map = {int(raw): int(train_id) for raw, train_id in json.loads(args.label_map.read_text()).items()}
+    splits = open_dataset(args.dataset, args.data, image_column=args.image_column, label_column=args.label_column,
+                          id2label=id2label, reduce_labels=args.reduce_labels, label_map=label_map)
+    return select_split(splits, args.split, args.data, args.max_samples)
 
 
 def prediction_names(split):
@@ -155,19 +134,6 @@ def prediction_writer(args, split, id2label):
             Image.fromarray(cityscapes_label_ids(prediction)).save(label_id_dir / f"{names[index]}.png")
 
     return write
-
-
-def json_ready(metrics, id2label):
-    def number(value):
-        value = float(value)
-        return value if math.isfinite(value) else None
-
-    results = {key: number(metrics[key]) for key in ("mean_iou", "mean_accuracy", "overall_accuracy",
-                                                    "mean_iou_absent_as_zero")}
-    for key in ("per_category_iou", "per_category_accuracy"):
-        results[key] = {id2label[index]: number(value) for index, value in enumerate(metrics[key])}
-    results["num_images"] = metrics["num_images"]
-    return results
 
 
 def main(argv=None):
@@ -213,12 +179,10 @@ def main(argv=None):
     if accelerator.is_main_process:
         results = {"model": args.model, "dataset": args.dataset, "data": args.data, "split": args.split,
                    "inference": inference.to_dict(), "processes": accelerator.num_processes,
-                   "seconds": round(seconds, 3), **json_ready(metrics, split_labels)}
+                   "seconds": round(seconds, 3), **metrics_to_json(metrics, split_labels)}
         output = Path(args.output_dir)
         output.mkdir(parents=True, exist_ok=True)
-        partial = output / "results.json.partial"
-        partial.write_text(json.dumps(results, indent=2) + "\n")
-        partial.replace(output / "results.json")
+        write_json_atomically(output / "results.json", results)
         print(results_table(metrics, split_labels))
         print(f"{metrics['num_images']} images in {seconds:.1f} s; results in {output / 'results.json'}")
     return 0

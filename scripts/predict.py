@@ -43,6 +43,7 @@ from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 from transformers.image_transforms import convert_to_rgb
 
 # Importing pcaa_hf registers PCAA with the Auto classes.
+from pcaa_hf.argument_types import positive_int
 from pcaa_hf.image_processing_pcaa import open_image, to_eight_bit
 from pcaa_hf.inference import MODES, SegmentationInference
 from pcaa_hf.visualisation import colourise, heatmap_overlay, overlay, palette_for, partial_class_activations
@@ -58,10 +59,6 @@ class UserError(Exception):
     """A mistake in the command line or its files, reported as one line without a traceback."""
 
 
-def positive_int(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
 
 
 def positive_float(text):

@@ -17,21 +17,16 @@ mIoU so far) and model/ (the final model), each a save_pretrained folder with a 
 
 import argparse
 import logging
-import re
 import sys
 
 from huggingface_hub.errors import StrictDataclassError
 
+from pcaa_hf.argument_types import region_grid
 from pcaa_hf.inference import MODES
 from pcaa_hf.publishing import HubPublisher
 from pcaa_hf.training import DATASET_TYPES, Trainer, TrainingArguments
 
 
-def region_grid(text):
-    match = re.fullmatch(r"(\d+)x(\d+)", text)
-    if not match or int(match[1]) < 1 or int(match[2]) < 1:
-        raise argparse.ArgumentTypeError(f"a bin grid is ROWSxCOLUMNS with positive integers (e.g. 4x4), got {text!r}")
-    return int(match[1]), int(match[2])
 
 
 class RecipeArgumentParser(argparse.ArgumentParser):

@@ -1,5 +1,7 @@
 """Helpers shared by the tests."""
 
+import socket
+
 import torch
 
 from pcaa_hf import PCAAConfig
@@ -28,3 +30,15 @@ def randomise_weights(model, seed=0):
         else:
             tensor.copy_(torch.randn(tensor.shape, generator=generator) * (1.0 / tensor[0].numel()) ** 0.5)
     return model
+
+
+def two_cpu_processes_launcher():
+    """
+    `python -m ...` arguments launching a script on 2 CPU processes with gloo; run it with ACCELERATE_USE_CPU=1.
+    `accelerate launch --cpu` starts one process unless MPI is installed, hence torchrun's launcher (--multi_gpu).
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return ("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port))

@@ -4,7 +4,6 @@ figures from one process or two (`accelerate launch`), and the PNG outputs."""
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pcaa_hf.synthetic import write_cityscapes_tree
 from pcaa_hf.transforms import EvalTransform
 from pcaa_hf.visualisation import palette_for
 
-from pcaa_testing import randomise_weights, small_config
+from pcaa_testing import randomise_weights, small_config, two_cpu_processes_launcher
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
 
@@ -152,22 +151,13 @@ def test_evaluate_script_results_and_png_outputs(cityscapes_run, capsys):
     assert results["mean_iou"] == pytest.approx(float(expected["mean_iou"]), abs=0)
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_evaluate_script_under_accelerate_two_processes(cityscapes_run):
     """Two CPU processes (gloo) share the 5 images 3 + 2 and report exactly the single-process figures."""
     single = cityscapes_run / "single"  # written by test_evaluate_script_results_and_png_outputs
     if not (single / "results.json").is_file():
         assert evaluate_main(script_arguments(cityscapes_run, single)) == 0
     double = cityscapes_run / "two_processes"
-    # `accelerate launch --cpu` starts one process unless MPI is installed; torchrun's launcher (--multi_gpu) with
-    # ACCELERATE_USE_CPU gives several CPU processes with gloo.
-    launcher = ("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()))
+    launcher = two_cpu_processes_launcher()
     result = run_script(script_arguments(cityscapes_run, double), launcher, {**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = (json.loads((folder / "results.json").read_text()) for folder in (single, double))

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from safetensors.torch import load_file
 
 from pcaa_hf.synthetic import write_cityscapes_tree
 from pcaa_hf.training import TRAINER_STATE, TrainingArguments, epoch_batches, poly_schedule, resolve_checkpoint
+
+from pcaa_testing import two_cpu_processes_launcher
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 
@@ -125,16 +126,9 @@ def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(gene
     assert results["completed_steps"] == 8 and results["eval_num_images"] == 3
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_cpu_processes_with_sync_batch_norm_checkpoint_resume_and_evaluation(generated_data, tmp_path):
     """`accelerate launch` with 2 gloo processes: SyncBatchNorm, a checkpoint, a resume, each image scored once."""
-    launcher = ("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()))
+    launcher = two_cpu_processes_launcher()
     output_dir = tmp_path / "two_processes"
     arguments = training_arguments(generated_data, output_dir, 4, "--per_device_train_batch_size", "2")
     first = finish(run_training(arguments, launcher, env={"ACCELERATE_USE_CPU": "1"}))
@@ -148,7 +142,7 @@ def test_two_cpu_processes_with_sync_batch_norm_checkpoint_resume_and_evaluation
     shutil.rmtree(output_dir / "checkpoints" / "checkpoint-4")  # as if killed between steps 2 and 4
     arguments = training_arguments(generated_data, output_dir, 4, "--per_device_train_batch_size", "2",
                                    "--resume_from_checkpoint", "latest")
-    launcher = (*launcher[:-1], str(free_port()))
+    launcher = two_cpu_processes_launcher()
     second = finish(run_training(arguments, launcher, env={"ACCELERATE_USE_CPU": "1"}))
     assert "Resumed from" in second and "checkpoint-2" in second and "agree across the 2 processes" in second
     assert second.count("Resumed from") == 1  # logged by the main process only
