@@ -159,12 +159,13 @@ def benchmark_mean_iou(num_labels=150, repeats=3, hub_module_path=None):
     return figures
 
 
-def machine_description():
-    """CPU model, core count and library versions, for the record next to the figures."""
+def machine_description(device=None):
+    """CPU model, core count, the GPU when `device` is one, and library versions, for the record next to the figures."""
     import os
     import platform
 
     import torch
+    import transformers
 
     model = platform.processor() or "unknown CPU"
     try:
@@ -172,5 +173,11 @@ def machine_description():
             model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__}
+    description = {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                   "python": platform.python_version(), "torch": torch.__version__,
+                   "transformers": transformers.__version__, "numpy": np.__version__,
+                   "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}
+    if device is not None and device.type == "cuda":
+        description.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                           cudnn=torch.backends.cudnn.version())
+    return description

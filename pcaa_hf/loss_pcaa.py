@@ -6,9 +6,14 @@ import torch
 import torch.nn.functional as F
 
 
+def loss_dtype(tensor):
+    """float32 for half-precision and float32 inputs (autocast's), float64 for float64 ones."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
 def upsample_logits(logits, size):
-    """(B, K, h, w) -> (B, K, H, W) float32, bilinear with align_corners=False."""
-    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    """(B, K, h, w) -> (B, K, H, W) in `loss_dtype`, bilinear with align_corners=False."""
+    return F.interpolate(logits.to(loss_dtype(logits)), size=size, mode="bilinear", align_corners=False)
 
 
 def masked_mean(values, mask):
@@ -58,9 +63,9 @@ def adaptive_pool_windows(length, bins, device):
     return (starts[windows] + offsets).to(device), windows.to(device), sizes.to(device)
 
 
-def region_class_fractions(labels, num_labels, grid, ignore_index):
+def region_class_fractions(labels, num_labels, grid, ignore_index, dtype=torch.float32):
     """
-    Fraction of each adaptive-pooling region covered by each class, (B, K, bh, bw) float32: exactly the average
+    Fraction of each adaptive-pooling region covered by each class, (B, K, bh, bw) in `dtype`: exactly the average
     pooling of the one-hot label map (ignored pixels all-zero but counted in the area), computed by counting instead
     of materialising the (B, K, H, W) one-hot map.
     """
@@ -74,14 +79,14 @@ def region_class_fractions(labels, num_labels, grid, ignore_index):
     cell = (torch.arange(batch * height, device=labels.device).view(batch, height, 1) * grid[1] + col_windows)
     bin_index = torch.where(counted, cell * num_labels + window_labels, batch * height * grid[1] * num_labels)
     row_counts = torch.bincount(bin_index.flatten(), minlength=batch * height * grid[1] * num_labels + 1)
-    row_counts = row_counts[:-1].view(batch, height, grid[1], num_labels).float()
+    row_counts = row_counts[:-1].view(batch, height, grid[1], num_labels).to(dtype)
 
     # Sum the rows of each row window, (B, bh, bw, K).
     counts = row_counts.new_zeros(batch, grid[0], grid[1], num_labels)
     counts.index_add_(1, row_windows, row_counts[:, rows])
     # Divide as adaptive_avg_pool2d's kernel does (by the window height, then width), so the 0 < f < threshold test
-    # sees the same float32 values.
-    fractions = counts / row_sizes.view(1, -1, 1, 1).float() / col_sizes.view(1, 1, -1, 1).float()
+    # sees the same values.
+    fractions = counts / row_sizes.view(1, -1, 1, 1).to(dtype) / col_sizes.view(1, 1, -1, 1).to(dtype)
     return fractions.permute(0, 3, 1, 2)
 
 
@@ -92,10 +97,10 @@ def region_focal_loss(region_scores, labels, grid, ignore_index, label_threshold
     over the non-ignored (image, region) entries; then the mean over the classes that have such entries (the
     authors' code returns NaN when a class has none).
     """
-    fractions = region_class_fractions(labels, region_scores.shape[1], grid, ignore_index)
-    targets = (fractions > 0).float()
+    scores = region_scores.to(loss_dtype(region_scores))
+    fractions = region_class_fractions(labels, region_scores.shape[1], grid, ignore_index, scores.dtype)
+    targets = (fractions > 0).to(scores.dtype)
     valid = ~((fractions > 0) & (fractions < label_threshold))
-    scores = region_scores.float()
     cross_entropy = F.binary_cross_entropy(scores, targets, reduction="none")
     true_class_score = torch.where(targets == 1, scores, 1 - scores)
     losses = torch.pow(1 - true_class_score, gamma) * cross_entropy * valid
@@ -107,7 +112,8 @@ def region_focal_loss(region_scores, labels, grid, ignore_index, label_threshold
 def pcaa_loss(config, logits, auxiliary_logits, region_class_scores, labels):
     """
     The PCAA training loss: segmentation + auxiliary_loss_weight * auxiliary + region_loss_weight * region, where
-    region is the mean of the region focal losses of the PCAA modules. Computed in float32 outside autocast.
+    region is the mean of the region focal losses of the PCAA modules. Computed outside autocast, in float32 (float64
+    for a float64 model).
     Returns a dict with "loss" and its terms "segmentation_loss", "auxiliary_loss" (None without auxiliary logits)
     and "region_loss".
     """

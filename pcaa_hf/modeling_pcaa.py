@@ -350,10 +350,15 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
                 "do not; pcaa_hf.PCAASegmentationPipeline does)."
             )
 
+        if self.config.backbone_config is None and not self.training and pixel_values.device.type == "cpu":
+            # oneDNN convolves channels-last activations without reordering every layer's input and output: about 5 %
+            # faster inference on CPUs (in training, the backward pass is faster in the standard layout).
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         hidden_states = self.backbone(pixel_values)
         if self.config.backbone_config is not None:
             hidden_states = hidden_states.feature_maps
         logits, region_class_scores = self.decode_head(hidden_states[-1])
+        logits = logits.contiguous()
         auxiliary_logits = None
         if self.auxiliary_head is not None and (self.training or labels is not None):
             auxiliary_logits = self.auxiliary_head(hidden_states[-2])

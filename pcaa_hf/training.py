@@ -277,7 +277,7 @@ class Trainer:
         self.processor = image_processor_for(args.dataset_type)
         model = build_model(args, self.id2label)
         if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         if accelerator.num_processes > 1:
             model = convert_sync_batch_norm(model, accelerator.device)
             synced = sum("SyncBatchNorm" in type(module).__name__ for module in model.modules())

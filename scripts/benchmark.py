@@ -1,16 +1,32 @@
 #!/usr/bin/env python
-"""Speed measurements for docs/benchmarks.md.
+"""Speed and memory measurements for docs/benchmarks.md.
 
 Sections:
+  limit   the machine's own limit: FLOP/s of large matrix products in each --dtypes (and TF32 on NVIDIA GPUs), which
+          the model section reports its FLOP/s against. Run whenever it is.
+  model   forward (inference) and training-step (SGD, the paper's loss) throughput, FLOPs (torch's flop counter) and
+          peak memory of the paper's model (output stride 8, one 4x4 PCAA module, 19 classes, random weights) for
+          every combination of --tasks, --depths, --sizes (square), --batch-sizes, --dtypes (bfloat16 = autocast),
+          --channels-last, --checkpointing (training only) and --compile.
+  slide   sliding-window evaluation of a generated 1024x2048 Cityscapes-like frame (768x768 windows, stride 512,
+          --window-batch-size per forward) against the sum of its windows' single forwards, and the share of pixels
+          whose argmax under bfloat16 autocast equals float32's (where the device has bfloat16 arithmetic).
   data    the training transform at Cityscapes resolution (2048x1024 frame -> 768x768 crop, every augmentation)
           against an OpenCV pipeline doing the same steps, on one core. Needs `pip install -e .[bench]` (OpenCV).
   metric  mean IoU of 40 ADE20K-sized maps (512x683, 150 classes): pcaa_hf.metrics.mean_iou against the per-image
           NumPy computation of evaluate's mean_iou, our evaluate module, and with --hub-mean-iou PATH (a copy of
           the Hub's evaluate-metric/mean_iou script) evaluate's own metric.
+
+Every finished measurement is written to --output at once (atomically), so an interrupted run keeps its figures.
 """
 
+import os
+
+# Large CPU tensors on transparent huge pages (torch reads THP_MEM_ALLOC_ENABLE at its first allocation): 7x fewer
+# page faults, about 4 % faster inference on CPUs (docs/benchmarks.md). An explicit setting wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,10 +36,29 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Pa
 import numpy as np
 import torch
 
-from pcaa_hf import PCAAImageProcessor
+from pcaa_hf import PCAAForSemanticSegmentation, PCAAImageProcessor
+from pcaa_hf.argument_types import positive_int
+from pcaa_hf.atomic_folders import write_json_atomically
 from pcaa_hf.benchmarking import benchmark_mean_iou, benchmark_train_transform, machine_description
 from pcaa_hf.label_sets import CITYSCAPES_ID_TO_TRAIN_ID
+from pcaa_hf.model_benchmarking import (
+    TASKS, benchmark_model_case, benchmark_sliding_window, bfloat16_agreement, bfloat16_unsupported, machine_limits,
+    model_cases, paper_model, target_checks,
+)
 from pcaa_hf.synthetic import street_scene
+
+SECTIONS = ("limit", "model", "slide", "data", "metric")
+SWITCH = {"off": False, "on": True}
+GIB = 2 ** 30
+
+
+def cityscapes_frames(count, rng):
+    """Generated 2048x1024 street scenes and their train-id label maps."""
+    frames = []
+    for _ in range(count):
+        image, label_ids = street_scene(2048, 1024, rng)
+        frames.append((image, PCAAImageProcessor.apply_label_map(label_ids, CITYSCAPES_ID_TO_TRAIN_ID).astype(np.uint8)))
+    return frames
 
 
 def data_section(repeats):
@@ -33,47 +68,155 @@ def data_section(repeats):
         sys.exit("The data benchmark compares with OpenCV: install it with `pip install -e .[bench]`.")
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    rng = np.random.default_rng(0)
-    samples = []
-    for _ in range(4):
-        image, label_ids = street_scene(2048, 1024, rng)
-        train_ids = PCAAImageProcessor.apply_label_map(label_ids, CITYSCAPES_ID_TO_TRAIN_ID).astype(np.uint8)
-        samples.append((image, train_ids))
-    return benchmark_train_transform(samples, repeats=repeats)
+    data = benchmark_train_transform(cityscapes_frames(4, np.random.default_rng(0)), repeats=repeats)
+    print("Training transform, 2048x1024 -> 768x768 crop, all augmentations, 1 core (decoded images in):")
+    print(f"  {'pipeline':<28}{'images/s':>10}")
+    print(f"  {'pcaa_hf TrainTransform':<28}{data['pcaa_hf_images_per_second']:>10.1f}")
+    print(f"  {'OpenCV ' + data['opencv_version']:<28}{data['opencv_images_per_second']:>10.1f}")
+    print(f"  speed-up {data['speedup']:.2f}x")
+    return data
+
+
+def metric_section(hub_mean_iou):
+    metric = benchmark_mean_iou(hub_module_path=hub_mean_iou)
+    baseline = metric["pcaa_hf_seconds"]
+    print(f"Mean IoU of {metric['maps']} maps of {metric['size'][0]}x{metric['size'][1]}, "
+          f"{metric['num_labels']} classes (identical per-class IoU from all):")
+    print(f"  {'implementation':<34}{'seconds':>9}{'vs pcaa_hf':>12}")
+    for key, name in (("pcaa_hf_seconds", "pcaa_hf.metrics.mean_iou"),
+                      ("per_image_numpy_seconds", "per-image NumPy (evaluate's steps)"),
+                      ("pcaa_hf_evaluate_module_seconds", "evaluate.load(pcaa_hf module)"),
+                      ("hub_evaluate_mean_iou_seconds", "evaluate.load(Hub mean_iou)")):
+        if key in metric:
+            print(f"  {name:<34}{metric[key]:>9.3f}{metric[key] / baseline:>11.1f}x")
+    return metric
+
+
+def limit_section(device, dtypes):
+    limits = machine_limits(device, dtypes)
+    print("Machine limit, square matrix products:")
+    for name, limit in limits.items():
+        print(f"  {name:<10}{limit['flop_per_second'] / 1e12:>9.3f} TFLOP/s  (n = {limit['size']})")
+    return limits
+
+
+def format_fraction(fraction):
+    return "" if fraction is None else f"{100 * fraction:.1f} %"
+
+
+def model_section(args, device, limits, results, save):
+    cases = model_cases(args.tasks, args.depths, args.sizes, args.batch_sizes, args.dtypes, args.channels_last,
+                        args.checkpointing, args.compile)
+    print(f"Model, {len(cases)} cases ({args.calls} timed calls each, the fastest kept):")
+    print(f"  {'case':<66}{'img/s':>8}{'GFLOP/img':>11}{'TFLOP/s':>9}{'of limit':>10}{'peak GiB':>10}")
+    rows = results.setdefault("model", [])
+    for case in cases:
+        unsupported = bfloat16_unsupported(device) if case.dtype == "bfloat16" else None
+        if unsupported:
+            rows.append({**case.__dict__, "skipped": unsupported})
+            print(f"  {case.label():<66}skipped: {unsupported}")
+        else:
+            row = benchmark_model_case(case, device, limits, calls=args.calls)
+            rows.append(row)
+            print(f"  {case.label():<66}{row['images_per_second']:>8.2f}"
+                  f"{row['flops'] / case.batch_size / 1e9:>11.1f}{row['flop_per_second'] / 1e12:>9.3f}"
+                  f"{format_fraction(row['fraction_of_limit']):>10}{row['peak_memory_bytes'] / GIB:>10.2f}",
+                  flush=True)
+        save()
+
+
+def slide_section(args, device, results, save):
+    if args.weights:
+        model = PCAAForSemanticSegmentation.from_pretrained(args.weights)
+        name = args.weights
+    else:
+        model = paper_model(args.slide_depth)
+        name = f"paper R{args.slide_depth}, random weights"
+    model.to(device).eval()
+    image, _ = cityscapes_frames(1, np.random.default_rng(1))[0]
+    processor = PCAAImageProcessor(do_resize=False)
+    frame = processor(image, return_tensors="pt")["pixel_values"].to(device)
+    slide = benchmark_sliding_window(model, device, frame, window_batch_size=args.window_batch_size, calls=args.calls)
+    slide["model"] = name
+    results["slide"] = slide
+    save()
+    print(f"Sliding-window evaluation of a {slide['frame'][0]}x{slide['frame'][1]} frame, {name}:")
+    print(f"  {slide['windows']} windows of {slide['crop_size']}x{slide['crop_size']}, "
+          f"{slide['window_batch_size']} per forward: {slide['slide_seconds']:.3f} s; the windows' single forwards "
+          f"sum to {slide['sum_of_window_forwards_seconds']:.3f} s "
+          f"(ratio {slide['slide_seconds'] / slide['sum_of_window_forwards_seconds']:.3f})")
+    unsupported = bfloat16_unsupported(device)
+    if unsupported:
+        slide["bfloat16_argmax_agreement"] = None
+        slide["bfloat16_skipped"] = unsupported
+        print(f"  bfloat16 agreement skipped: {unsupported}")
+    else:
+        slide["bfloat16_argmax_agreement"] = bfloat16_agreement(model, device, frame)
+        print(f"  bfloat16 autocast gives float32's argmax on {100 * slide['bfloat16_argmax_agreement']:.3f} % of "
+              "the pixels")
+    save()
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", choices=["data", "metric"], default=["data", "metric"])
-    parser.add_argument("--repeats", type=int, default=60, help="images per pipeline")
-    parser.add_argument("--hub-mean-iou", help="metric section: path of the Hub's mean_iou.py, to time it too")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="model, limit and slide sections (default: cuda when available, else cpu)")
     parser.add_argument("--output", default="benchmark.json", help="JSON file for the figures")
+    parser.add_argument("--calls", type=positive_int, default=3, help="timed calls per measurement (fastest kept)")
+    model = parser.add_argument_group("model section")
+    model.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    model.add_argument("--depths", nargs="+", type=int, choices=[18, 34, 50, 101], default=[50, 101])
+    model.add_argument("--sizes", nargs="+", type=positive_int, default=[512, 768])
+    model.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1, 2])
+    model.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
+    model.add_argument("--channels-last", nargs="+", choices=SWITCH, default=["off", "on"])
+    model.add_argument("--checkpointing", nargs="+", choices=SWITCH, default=["off", "on"],
+                       help="activation checkpointing of the backbone blocks (training cases)")
+    model.add_argument("--compile", nargs="+", choices=SWITCH, default=["off"], help="torch.compile the model")
+    slide = parser.add_argument_group("slide section")
+    slide.add_argument("--slide-depth", type=int, choices=[18, 34, 50, 101], default=101)
+    slide.add_argument("--weights", help="a saved PCAA folder to use instead of the random paper model")
+    slide.add_argument("--window-batch-size", type=positive_int, default=4)
+    other = parser.add_argument_group("data and metric sections")
+    other.add_argument("--repeats", type=positive_int, default=60, help="data section: images per pipeline")
+    other.add_argument("--hub-mean-iou", help="metric section: path of the Hub's mean_iou.py, to time it too")
     args = parser.parse_args(argv)
+    args.channels_last = [SWITCH[value] for value in args.channels_last]
+    args.checkpointing = [SWITCH[value] for value in args.checkpointing]
+    args.compile = [SWITCH[value] for value in args.compile]
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r}: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch sees no CUDA device")
 
-    results = {"machine": machine_description()}
+    results = {"machine": machine_description(device), "arguments": sys.argv[1:] if argv is None else list(argv)}
+
+    def save():
+        write_json_atomically(args.output, results)
+
+    if {"limit", "model"} & set(args.sections):
+        results["limits"] = limit_section(device, args.dtypes)
+        save()
+    if "model" in args.sections:
+        model_section(args, device, results["limits"], results, save)
+    if "slide" in args.sections:
+        slide_section(args, device, results, save)
+    checks = target_checks(results)
+    if checks:
+        results["targets"] = [{"target": target, "measured": figure, "met": met} for target, figure, met in checks]
+        save()
+        print("Targets:")
+        for target, figure, met in checks:
+            print(f"  {'met' if met else 'NOT MET':<8}{target}: {figure}")
     if "data" in args.sections:
-        data = data_section(args.repeats)
-        results["data"] = data
-        print("Training transform, 2048x1024 -> 768x768 crop, all augmentations, 1 core (decoded images in):")
-        print(f"  {'pipeline':<28}{'images/s':>10}")
-        print(f"  {'pcaa_hf TrainTransform':<28}{data['pcaa_hf_images_per_second']:>10.1f}")
-        print(f"  {'OpenCV ' + data['opencv_version']:<28}{data['opencv_images_per_second']:>10.1f}")
-        print(f"  speed-up {data['speedup']:.2f}x")
+        results["data"] = data_section(args.repeats)
+        save()
     if "metric" in args.sections:
-        metric = benchmark_mean_iou(hub_module_path=args.hub_mean_iou)
-        results["metric"] = metric
-        baseline = metric["pcaa_hf_seconds"]
-        print(f"Mean IoU of {metric['maps']} maps of {metric['size'][0]}x{metric['size'][1]}, "
-              f"{metric['num_labels']} classes (identical per-class IoU from all):")
-        print(f"  {'implementation':<34}{'seconds':>9}{'vs pcaa_hf':>12}")
-        for key, name in (("pcaa_hf_seconds", "pcaa_hf.metrics.mean_iou"),
-                          ("per_image_numpy_seconds", "per-image NumPy (evaluate's steps)"),
-                          ("pcaa_hf_evaluate_module_seconds", "evaluate.load(pcaa_hf module)"),
-                          ("hub_evaluate_mean_iou_seconds", "evaluate.load(Hub mean_iou)")):
-            if key in metric:
-                print(f"  {name:<34}{metric[key]:>9.3f}{metric[key] / baseline:>11.1f}x")
-    with open(args.output, "w") as handle:
-        json.dump(results, handle, indent=2)
+        results["metric"] = metric_section(args.hub_mean_iou)
+        save()
     print(f"Figures written to {args.output}")
 
 

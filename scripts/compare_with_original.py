@@ -6,6 +6,10 @@ random weights and randomised BatchNorm statistics, saved as a DistributedDataPa
 prefix), converted with scripts/convert_original_pcaa.py's code, reloaded from the written folder, and both models are
 run in eval mode on the same random images and label maps. Prints the relative error (max |ours - theirs| /
 max |theirs|) of the logits, the region class scores and each loss term, and exits non-zero above --tolerance.
+
+Both models run in float64 by default: the randomised networks amplify float32 rounding differences (pcaa_hf folds
+eval-mode BatchNorm into the convolutions, which sums in another order) to ~1e-3 of the logits, while in float64
+any difference in the functions computed stands out above 1e-10. `--dtype float32` shows the float32 figures.
 """
 
 import argparse
@@ -82,7 +86,7 @@ def relative_error(ours, theirs):
     return ((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max().clamp(min=1e-12)).item()
 
 
-def compare(caanet, criterion_module, name, settings, workdir, seed):
+def compare(caanet, criterion_module, name, settings, workdir, seed, dtype):
     generator = torch.Generator().manual_seed(seed)
     criterion = criterion_module.JointClsLoss(ignore_index=255, bins=settings["bins"], ohem=settings["ohem"])
     theirs = caanet.Seg_Model(num_classes=settings["num_labels"], criterion=criterion, backbone=settings["backbone"],
@@ -96,10 +100,12 @@ def compare(caanet, criterion_module, name, settings, workdir, seed):
                                        settings["bins"], multi_grid=settings["multi_grid"],
                                        dropout=settings["dropout"])
     ours.config.use_ohem = settings["ohem"]
+    theirs.to(dtype)
+    ours.to(dtype)
 
-    pixel_values = torch.randn(2, 3, *settings["size"], generator=generator)
+    pixel_values = torch.randn(2, 3, *settings["size"], generator=generator).to(dtype)
     labels = random_label_map(2, settings["size"], settings["num_labels"], generator)
-    labels_onehot = torch.stack([(labels == k) for k in range(settings["num_labels"])], dim=1).float()
+    labels_onehot = torch.stack([(labels == k) for k in range(settings["num_labels"])], dim=1).to(dtype)
     with torch.no_grad():
         their_logits, their_scores = theirs(pixel_values)
         their_losses = theirs(pixel_values, labels, labels_onehot)
@@ -121,6 +127,7 @@ def main(argv=None):
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGURATIONS), default=sorted(CONFIGURATIONS))
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest relative error accepted")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="precision of both models")
     args = parser.parse_args(argv)
     if not (args.original / "networks" / "caanet.py").is_file():
         parser.error(f"{args.original} is not a checkout of lsa1997/PCAA (networks/caanet.py is missing)")
@@ -132,8 +139,9 @@ def main(argv=None):
             settings = CONFIGURATIONS[name]
             print(f"{name}: {settings['backbone']}, {settings['num_labels']} classes, bins {settings['bins']}, "
                   f"multi-grid {settings['multi_grid']}, dropout {settings['dropout']}, OHEM {settings['ohem']}, "
-                  f"input 2x3x{settings['size'][0]}x{settings['size'][1]}")
-            for label, error, scale in compare(caanet, criterion_module, name, settings, workdir, args.seed):
+                  f"input 2x3x{settings['size'][0]}x{settings['size'][1]}, {args.dtype}")
+            rows = compare(caanet, criterion_module, name, settings, workdir, args.seed, getattr(torch, args.dtype))
+            for label, error, scale in rows:
                 worst = max(worst, error)
                 print(f"  {label:24s} relative error {error:.2e}   (max |theirs| {scale:.4g})")
     verdict = "PASS" if worst <= args.tolerance else "FAIL"

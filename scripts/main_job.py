@@ -10,6 +10,12 @@ checkpoints; a killed run continues from its last checkpoint when started again)
 `python scripts/train.py --help` has the full set for real data.
 """
 
+import os
+
+# Large CPU tensors on transparent huge pages (torch reads THP_MEM_ALLOC_ENABLE at its first allocation): 7x fewer
+# page faults, about 4 % faster inference on CPUs (docs/benchmarks.md). An explicit setting wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import argparse
 import logging
 import sys

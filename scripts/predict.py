@@ -22,6 +22,12 @@ Examples:
         --crop-size 768 768 --scales 0.75 1.0 1.25 --flip --cams --cam-classes car person
 """
 
+import os
+
+# Large CPU tensors on transparent huge pages (torch reads THP_MEM_ALLOC_ENABLE at its first allocation): 7x fewer
+# page faults, about 4 % faster inference on CPUs (docs/benchmarks.md). An explicit setting wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import argparse
 import json
 import logging

@@ -15,6 +15,12 @@ Outputs in --output_dir: checkpoints/checkpoint-N (accelerate state, every --che
 mIoU so far) and model/ (the final model), each a save_pretrained folder with a README.md model card.
 """
 
+import os
+
+# Large CPU tensors on transparent huge pages (torch reads THP_MEM_ALLOC_ENABLE at its first allocation): 7x fewer
+# page faults, about 4 % faster inference on CPUs (docs/benchmarks.md). An explicit setting wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import argparse
 import logging
 import sys

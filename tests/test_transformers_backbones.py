@@ -101,11 +101,11 @@ def test_paper_only_settings_are_refused_or_described_for_another_backbone(tmp_p
     config = small_config(backbone_config=BACKBONES["convnext"](), hidden_size=512)
     model = PCAAForSemanticSegmentation(config)
     with pytest.raises(ValueError, match="ConvNextBackbone has none"):
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     with pytest.raises(ValueError, match="not the transformers ConvNextBackbone"):
         load_pretrained_backbone(model, tmp_path / "resnet50_v1c.pth")
     assert default_template(config, "cityscapes").name == "pcaa_generic.md"
     assert backbone_name(config) == "ConvNext" and backbone_name(small_config()) == "ResNet-18"
     swin = PCAAForSemanticSegmentation(small_config(backbone_config=BACKBONES["swin"]()))
-    swin.gradient_checkpointing_enable()  # Swin's layers can be checkpointed
+    swin.activation_checkpointing_enable()  # Swin's layers can be checkpointed
     swin(torch.randn(2, 3, 64, 64), labels=torch.randint(0, 5, (2, 64, 64))).loss.backward()

@@ -1,0 +1,324 @@
+"""
+Speed, memory and FLOPs of PCAA behind scripts/benchmark.py, against the machine's own limit: the throughput of large
+matrix products measured in the same run.
+
+FLOPs come from torch's `FlopCounterMode` (convolutions and matrix products, 2 per multiply-add) on the first, untimed
+call of each case. Peak memory is `torch.cuda.max_memory_allocated` on GPUs; on CPUs, where torch keeps no such
+statistic, `PeakTensorMemory` counts the same thing: the bytes of all live tensors (weights, gradients, optimiser
+state, activations).
+"""
+
+import itertools
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from .configuration_pcaa import PCAAConfig
+from .inference import SegmentationInference, sliding_windows
+from .modeling_pcaa import PCAAForSemanticSegmentation
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TASKS = ("inference", "training")
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_seconds(function, device, calls):
+    """The shortest wall time of `calls` calls (the least disturbed by other work), the device synchronised."""
+    best = math.inf
+    for _ in range(calls):
+        synchronize(device)
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bfloat16_unsupported(device):
+    """None when `device` has bfloat16 arithmetic, else why not (emulation would be hundreds of times slower)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return f"{torch.cuda.get_device_name(device)} has no bfloat16 arithmetic"
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), so oneDNN runs reference kernels"
+    return None
+
+
+def matmul_throughput(device, dtype, max_call_seconds=2.0, block_seconds=0.25):
+    """
+    FLOP/s of the fastest square matrix product: n = 512, 1024, ... doubling while the next size's product would
+    take under `max_call_seconds`, each size timed as the best of 3 blocks of calls lasting `block_seconds` or more.
+    Returns {"flop_per_second": best, "size": its n, "by_size": {n: FLOP/s}}.
+    """
+    by_size = {}
+    size = 512
+    while size <= 16384:
+        left = torch.randn(size, size, device=device).to(dtype)
+        right = torch.randn(size, size, device=device).to(dtype)
+        product = torch.empty(size, size, device=device, dtype=dtype)  # written in place: no allocation timed
+
+        def products(count):
+            for _ in range(count):
+                torch.mm(left, right, out=product)
+
+        first = best_seconds(lambda: products(1), device, 1)
+        calls = max(1, math.ceil(block_seconds / first))
+        block = best_seconds(lambda: products(calls), device, 3)
+        by_size[size] = 2 * size ** 3 * calls / block
+        if first * 8 > max_call_seconds:
+            break
+        size *= 2
+    best = max(by_size, key=by_size.get)
+    return {"flop_per_second": by_size[best], "size": best, "by_size": by_size}
+
+
+def machine_limits(device, dtypes):
+    """Matmul throughput for each dtype name (and TF32, the format of float32 convolutions, on NVIDIA GPUs)."""
+    limits = {}
+    for name in dtypes:
+        limits[name] = matmul_throughput(device, DTYPES[name])
+    if device.type == "cuda" and "float32" in dtypes:
+        previous = torch.backends.cuda.matmul.fp32_precision
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        try:
+            limits["tfloat32"] = matmul_throughput(device, torch.float32)
+        finally:
+            torch.backends.cuda.matmul.fp32_precision = previous
+    return limits
+
+
+def limit_name(device, dtype):
+    """The matmul limit a case's convolutions run against: TF32 for float32 convolutions where cuDNN allows it."""
+    if device.type == "cuda" and dtype == "float32" and torch.backends.cudnn.conv.fp32_precision == "tf32":
+        return "tfloat32"
+    return dtype
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """
+    While active, the peak bytes of live tensor storages: those of the `existing` tensors (weights, optimiser state,
+    inputs) plus every storage an operator returns, until it is freed. Sampled after each operator, so memory that an
+    operator allocates and frees inside itself is not seen. The CPU counterpart of `torch.cuda.max_memory_allocated`.
+    """
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.live = {}
+        for tensor in existing:
+            self.track(tensor)
+        self.peak = self.current_bytes()
+
+    def track(self, tensor):
+        storage = tensor.untyped_storage()
+        self.live.setdefault(StorageWeakRef(storage), storage.nbytes())
+
+    def current_bytes(self):
+        return sum(self.live.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        outputs = func(*args, **(kwargs or {}))
+        self.live = {storage: size for storage, size in self.live.items() if not storage.expired()}
+        for output in tree_leaves(outputs):
+            if isinstance(output, torch.Tensor):
+                self.track(output)
+        self.peak = max(self.peak, self.current_bytes())
+        return outputs
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """One measured configuration: the paper's model (output stride 8, one 4x4 PCAA module, 19 classes)."""
+
+    task: str
+    depth: int
+    size: int
+    batch_size: int
+    dtype: str
+    channels_last: bool
+    checkpointing: bool = False
+    compile: bool = False
+
+    def label(self):
+        flags = [flag for flag, on in (("channels_last", self.channels_last), ("checkpointing", self.checkpointing),
+                                       ("compile", self.compile)) if on]
+        return (f"{self.task} R{self.depth} {self.size}x{self.size} batch {self.batch_size} {self.dtype}"
+                + "".join(f" {flag}" for flag in flags))
+
+
+def model_cases(tasks, depths, sizes, batch_sizes, dtypes, channels_last, checkpointing, compile):
+    """Every combination; inference cases ignore `checkpointing` (there is no backward pass to save memory for)."""
+    cases = []
+    for task, depth, size, batch, dtype, layout, saving, compiled in itertools.product(
+            tasks, depths, sizes, batch_sizes, dtypes, channels_last, checkpointing, compile):
+        case = ModelCase(task, depth, size, batch, dtype, layout, saving and task == "training", compiled)
+        if case not in cases:
+            cases.append(case)
+    return cases
+
+
+def paper_model(depth, num_labels=19, seed=0):
+    """The paper's Cityscapes PCAA (output stride 8, one 4x4 PCAA module, 512-channel head), randomly initialised."""
+    torch.manual_seed(seed)
+    return PCAAForSemanticSegmentation(PCAAConfig(backbone_depth=depth, num_labels=num_labels))
+
+
+def case_step(case, model, device, num_labels):
+    """
+    The measured call of `case` (a forward, or a training step with SGD), taking the module to call (default: the
+    model, compiled for a compiled case), and a function listing the tensors that exist between calls besides the
+    model's: inputs and optimiser state.
+    """
+    generator = torch.Generator(device).manual_seed(0)
+    pixel_values = torch.randn(case.batch_size, 3, case.size, case.size, device=device, generator=generator)
+    labels = torch.randint(0, num_labels, (case.batch_size, case.size, case.size), device=device, generator=generator)
+    if case.channels_last:
+        model.to(memory_format=torch.channels_last)
+        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+    runner = torch.compile(model) if case.compile else model
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if case.dtype == "bfloat16" else nullcontext()
+
+    if case.task == "inference":
+        model.eval()
+
+        def step(module=runner):
+            with torch.inference_mode(), autocast():
+                module(pixel_values)
+
+        return step, lambda: [pixel_values]
+
+    model.train()
+    if case.checkpointing:
+        model.activation_checkpointing_enable()
+    # The paper's optimiser; its momentum buffers exist from the first step on.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+    def step(module=runner):
+        with autocast():
+            loss = module(pixel_values, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def existing():
+        return [pixel_values, labels] + [value for state in optimizer.state.values() for value in state.values()
+                                         if isinstance(value, torch.Tensor)]
+
+    return step, existing
+
+
+def benchmark_model_case(case, device, limits, calls=3, num_labels=19):
+    """
+    Measure one `ModelCase`: a first call counts FLOPs (eager, uncompiled), a second (on CPUs) measures peak memory,
+    then `calls` timed calls. Returns the case's fields and its figures.
+    """
+    model = paper_model(case.depth, num_labels).to(device)
+    step, existing = case_step(case, model, device, num_labels)
+    with FlopCounterMode(display=False) as counter:
+        step(model)
+    flops = counter.get_total_flops()
+    if case.compile:
+        step()
+    if device.type == "cuda":
+        step()
+        torch.cuda.reset_peak_memory_stats(device)
+        seconds = best_seconds(step, device, calls)
+        peak_bytes = torch.cuda.max_memory_allocated(device)
+    else:
+        with PeakTensorMemory(list(model.parameters()) + list(model.buffers()) + existing()) as memory:
+            step()
+        peak_bytes = memory.peak
+        seconds = best_seconds(step, device, calls)
+    limit = limits.get(limit_name(device, case.dtype), {}).get("flop_per_second")
+    flop_per_second = flops / seconds
+    return {**asdict(case), "seconds": seconds, "images_per_second": case.batch_size / seconds, "flops": flops,
+            "flop_per_second": flop_per_second, "limit": limit_name(device, case.dtype),
+            "fraction_of_limit": flop_per_second / limit if limit else None, "peak_memory_bytes": peak_bytes}
+
+
+def benchmark_sliding_window(model, device, frame, crop_size=768, window_batch_size=4, calls=2):
+    """
+    Sliding-window logits of one frame (1, 3, H, W) as the paper evaluates Cityscapes (768x768 windows, stride 512),
+    against the sum of plain forwards of its windows one at a time, each a (1, 3, 768, 768) image.
+    """
+    inference = SegmentationInference("slide", crop_size, window_batch_size=window_batch_size)
+    windows = sliding_windows(*frame.shape[-2:], inference.crop_size, inference.stride)
+    crops = [frame[..., top:bottom, left:right] for top, left, bottom, right in windows]
+
+    def forward(crop):
+        with torch.inference_mode():
+            model(pixel_values=crop)
+
+    forward(crops[0])
+    window_seconds = [best_seconds(lambda: forward(crop), device, calls) for crop in crops]
+    inference.logits(model, frame)
+    slide_seconds = best_seconds(lambda: inference.logits(model, frame), device, calls)
+    return {"frame": list(frame.shape[-2:]), "crop_size": crop_size, "stride": list(inference.stride),
+            "windows": len(windows), "window_batch_size": window_batch_size, "slide_seconds": slide_seconds,
+            "sum_of_window_forwards_seconds": sum(window_seconds), "window_forward_seconds": window_seconds}
+
+
+def bfloat16_agreement(model, device, frame, crop_size=768):
+    """Fraction of the frame's pixels whose sliding-window argmax under bfloat16 autocast equals float32's."""
+    inference = SegmentationInference("slide", crop_size)
+    reference = inference.predict(model, frame)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        low_precision = inference.predict(model, frame)
+    return (low_precision == reference).double().mean().item()
+
+
+def target_checks(results):
+    """
+    The issue's targets, read from a run's figures: (target, figure, met) rows for what the run measured.
+    """
+    rows = [row for row in results.get("model", []) if "skipped" not in row]
+    checks = []
+    fp32_inference = [row for row in rows if row["task"] == "inference" and row["dtype"] == "float32"
+                      and row["fraction_of_limit"] is not None]
+    for channels_last in (False, True):
+        fractions = [row["fraction_of_limit"] for row in fp32_inference if row["channels_last"] == channels_last]
+        if fractions:
+            checks.append((f"float32 inference >= 90 % of the float32 matmul limit (channels_last "
+                           f"{'on' if channels_last else 'off'}, every case)",
+                           f"{100 * min(fractions):.1f} - {100 * max(fractions):.1f} %", min(fractions) >= 0.9))
+
+    def twin(row, **changes):
+        wanted = {**{field.name: row[field.name] for field in fields(ModelCase)}, **changes}
+        return next((other for other in rows if all(other[key] == value for key, value in wanted.items())), None)
+
+    speedups = [twin(row, dtype="float32")["seconds"] / row["seconds"] for row in rows
+                if row["task"] == "inference" and row["dtype"] == "bfloat16" and twin(row, dtype="float32")]
+    if speedups:
+        checks.append(("bfloat16 inference >= 2x faster than float32 (every case)",
+                       f"{min(speedups):.2f}x - {max(speedups):.2f}x", min(speedups) >= 2))
+    agreement = results.get("slide", {}).get("bfloat16_argmax_agreement")
+    if agreement is not None:
+        checks.append(("bfloat16 argmax equals float32's on >= 99.5 % of a 1024x2048 frame's pixels",
+                       f"{100 * agreement:.3f} %", agreement >= 0.995))
+    savings = [1 - row["peak_memory_bytes"] / twin(row, checkpointing=False)["peak_memory_bytes"] for row in rows
+               if row["task"] == "training" and row["checkpointing"] and row["depth"] == 101 and row["size"] == 768
+               and twin(row, checkpointing=False)]
+    if savings:
+        checks.append(("activation checkpointing lowers R101 768x768 peak training memory by >= 40 % (every case)",
+                       f"{100 * min(savings):.1f} - {100 * max(savings):.1f} %", min(savings) >= 0.4))
+    slide = results.get("slide")
+    if slide:
+        ratio = slide["slide_seconds"] / slide["sum_of_window_forwards_seconds"]
+        checks.append(("sliding-window evaluation costs <= the sum of its windows' forwards",
+                       f"{ratio:.3f} of the sum", ratio <= 1))
+    return checks
+
+
+__all__ = ["ModelCase", "PeakTensorMemory", "benchmark_model_case", "benchmark_sliding_window", "bfloat16_agreement",
+           "bfloat16_unsupported", "machine_limits", "matmul_throughput", "model_cases", "paper_model", "target_checks"]
