@@ -2,7 +2,6 @@
 
 from contextlib import contextmanager, nullcontext
 
-import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -40,13 +39,7 @@ def statistics_preserving_recomputation(module: nn.Module):
 
 
 class PCAAConvNormAct(nn.Sequential):
-    """
-    Conv (no bias, padding = dilation * (kernel // 2)) -> BatchNorm -> optional ReLU.
-
-    When the BatchNorm normalises with its running statistics (eval mode), it is an affine map per output channel,
-    folded into the convolution's weight and bias: one pass over the activations fewer, the same function (and the
-    same gradients, when they are asked for). The saved weights are never changed.
-    """
+    """Conv (no bias, padding = dilation * (kernel // 2)) -> BatchNorm -> optional ReLU."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, dilation=1, activation=True):
         super().__init__()
@@ -61,39 +54,6 @@ class PCAAConvNormAct(nn.Sequential):
         )
         self.norm = nn.BatchNorm2d(out_channels)
         self.activation = nn.ReLU(inplace=True) if activation else nn.Identity()
-        self._folded = None
-
-    def forward(self, hidden_state):
-        if self.norm.training or self.norm.running_mean is None:
-            return super().forward(hidden_state)
-        weight, bias = self.folded_weight_and_bias()
-        return self.activation(self.conv._conv_forward(hidden_state, weight, bias))
-
-    def folded_weight_and_bias(self):
-        """
-        The convolution's weight (O, I, kh, kw) and bias (O,) with the eval-mode BatchNorm folded in. Without
-        gradients they are cached until a source tensor changes (in place, or moved or converted: the key holds the
-        versions and storages, and the cache keeps the old storages alive so that none is reused unnoticed).
-        """
-        norm = self.norm
-        sources = [self.conv.weight, norm.running_mean, norm.running_var] + ([norm.weight, norm.bias] if norm.affine
-                                                                               else [])
-        cacheable = not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and any(source.requires_grad for source in sources))
-        key = [(source.data_ptr(), source._version, source.dtype, source.shape, source.stride(), norm.eps)
-               for source in sources] if cacheable else None
-        if cacheable and self._folded is not None and self._folded[0] == key:
-            return self._folded[2]
-        scale = torch.rsqrt(norm.running_var + norm.eps)
-        shift = -norm.running_mean * scale
-        if norm.affine:
-            scale = scale * norm.weight
-            shift = shift * norm.weight + norm.bias
-        weight = self.conv.weight * scale.to(self.conv.weight.dtype)[:, None, None, None]
-        folded = (weight, shift.to(weight.dtype))
-        if cacheable:
-            self._folded = (key, [source.detach() for source in sources], folded)
-        return folded
 
 
 class PCAAResidualBlock(GradientCheckpointingLayer):
@@ -112,7 +72,7 @@ class PCAAResidualBlock(GradientCheckpointingLayer):
         self.activation = nn.ReLU(inplace=True)
 
     def forward(self, hidden_state):
-        # In place: the branch ends in a BatchNorm (or folded conv) whose output nothing saves for backward.
+        # In place: the branch ends in a BatchNorm, whose output nothing saves for backward.
         return self.activation(self.branch(hidden_state).add_(self.shortcut(hidden_state)))
 
 

@@ -179,5 +179,6 @@ def machine_description(device=None):
                    "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}
     if device is not None and device.type == "cuda":
         description.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                           cudnn=torch.backends.cudnn.version())
+                           cudnn=torch.backends.cudnn.version(), cudnn_benchmark=torch.backends.cudnn.benchmark,
+                           float32_convolutions=torch.backends.cudnn.conv.fp32_precision)
     return description

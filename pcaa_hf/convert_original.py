@@ -1,7 +1,10 @@
 """Conversion of checkpoints written by the authors' PCAA training code (GitHub lsa1997/PCAA) to transformers folders."""
 
+import importlib.util
 import logging
 import re
+import sys
+import types
 from pathlib import Path
 
 import torch
@@ -215,3 +218,28 @@ def convert_original_checkpoint(checkpoint, output, backbone, num_labels, bins, 
 
     write_folder_atomically(save_and_check, output, overwrite)
     return PCAAForSemanticSegmentation.from_pretrained(output)
+
+
+def import_original(root):
+    """
+    Import the authors' model and loss modules (`networks.caanet`, `loss.criterion`) from a checkout of GitHub
+    lsa1997/PCAA, for comparisons only. Their utils import cv2, unused on this path: a stand-in serves while they load
+    when OpenCV is missing. Afterwards `sys.path` and `sys.modules` are as before (the checkout's evaluate.py would
+    shadow the `evaluate` package, and its generic module names those of other checkouts).
+    """
+    saved_path, saved_modules = list(sys.path), set(sys.modules)
+    if importlib.util.find_spec("cv2") is None:
+        sys.modules["cv2"] = types.ModuleType("cv2")
+    root = Path(root).resolve()
+    sys.path.insert(0, str(root))
+    try:
+        caanet = importlib.import_module("networks.caanet")
+        criterion = importlib.import_module("loss.criterion")
+    finally:
+        sys.path[:] = saved_path
+        for name in set(sys.modules) - saved_modules:
+            origin = getattr(sys.modules[name], "__file__", None)
+            stand_in = name == "cv2" and origin is None
+            if stand_in or (origin is not None and root in Path(origin).resolve().parents):
+                del sys.modules[name]
+    return caanet, criterion

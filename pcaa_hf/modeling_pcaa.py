@@ -49,7 +49,7 @@ class PCAASemanticSegmenterOutput(SemanticSegmenterOutput):
     logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height / output_stride, width / output_stride)`):
         Class scores of the decode head, at feature resolution (upsample them to the image size before argmax).
     hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-        The backbone's stem output and the outputs of its four stages.
+        The backbone's stem output and the outputs of its four stages (channels-last tensors in CPU inference).
     segmentation_loss, auxiliary_loss, region_loss (`torch.FloatTensor` of shape `()`, *optional*):
         The terms of `loss`, for logging.
     auxiliary_logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height / s, width / s)`, *optional*):
@@ -358,10 +358,12 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
         if self.config.backbone_config is not None:
             hidden_states = hidden_states.feature_maps
         logits, region_class_scores = self.decode_head(hidden_states[-1])
+        # Callers get standard tensors whatever the layout inside.
         logits = logits.contiguous()
+        region_class_scores = tuple(scores.contiguous() for scores in region_class_scores)
         auxiliary_logits = None
         if self.auxiliary_head is not None and (self.training or labels is not None):
-            auxiliary_logits = self.auxiliary_head(hidden_states[-2])
+            auxiliary_logits = self.auxiliary_head(hidden_states[-2]).contiguous()
 
         losses = {}
         if labels is not None:

@@ -7,7 +7,8 @@ Sections:
   model   forward (inference) and training-step (SGD, the paper's loss) throughput, FLOPs (torch's flop counter) and
           peak memory of the paper's model (output stride 8, one 4x4 PCAA module, 19 classes, random weights) for
           every combination of --tasks, --depths, --sizes (square), --batch-sizes, --dtypes (bfloat16 = autocast),
-          --channels-last, --checkpointing (training only) and --compile.
+          --channels-last, --checkpointing (training only) and --compile; with --original, the authors' model too
+          (inference cases).
   slide   sliding-window evaluation of a generated 1024x2048 Cityscapes-like frame (768x768 windows, stride 512,
           --window-batch-size per forward) against the sum of its windows' single forwards, and the share of pixels
           whose argmax under bfloat16 autocast equals float32's (where the device has bfloat16 arithmetic).
@@ -42,8 +43,8 @@ from pcaa_hf.atomic_folders import write_json_atomically
 from pcaa_hf.benchmarking import benchmark_mean_iou, benchmark_train_transform, machine_description
 from pcaa_hf.label_sets import CITYSCAPES_ID_TO_TRAIN_ID
 from pcaa_hf.model_benchmarking import (
-    TASKS, benchmark_model_case, benchmark_sliding_window, bfloat16_agreement, bfloat16_unsupported, machine_limits,
-    model_cases, paper_model, target_checks,
+    TASKS, authors_model_builder, benchmark_model_case, benchmark_sliding_window, bfloat16_agreement,
+    bfloat16_unsupported, machine_limits, model_cases, paper_model, target_checks,
 )
 from pcaa_hf.synthetic import street_scene
 
@@ -57,7 +58,8 @@ def cityscapes_frames(count, rng):
     frames = []
     for _ in range(count):
         image, label_ids = street_scene(2048, 1024, rng)
-        frames.append((image, PCAAImageProcessor.apply_label_map(label_ids, CITYSCAPES_ID_TO_TRAIN_ID).astype(np.uint8)))
+        train_ids = PCAAImageProcessor.apply_label_map(label_ids, CITYSCAPES_ID_TO_TRAIN_ID)
+        frames.append((image, train_ids.astype(np.uint8)))
     return frames
 
 
@@ -109,20 +111,29 @@ def model_section(args, device, limits, results, save):
                         args.checkpointing, args.compile)
     print(f"Model, {len(cases)} cases ({args.calls} timed calls each, the fastest kept):")
     print(f"  {'case':<66}{'img/s':>8}{'GFLOP/img':>11}{'TFLOP/s':>9}{'of limit':>10}{'peak GiB':>10}")
+    implementations = {"pcaa_hf": paper_model}
+    if args.original:
+        implementations["authors"] = authors_model_builder(args.original)
     rows = results.setdefault("model", [])
     for case in cases:
-        unsupported = bfloat16_unsupported(device) if case.dtype == "bfloat16" else None
-        if unsupported:
-            rows.append({**case.__dict__, "skipped": unsupported})
-            print(f"  {case.label():<66}skipped: {unsupported}")
-        else:
-            row = benchmark_model_case(case, device, limits, calls=args.calls)
-            rows.append(row)
-            print(f"  {case.label():<66}{row['images_per_second']:>8.2f}"
-                  f"{row['flops'] / case.batch_size / 1e9:>11.1f}{row['flop_per_second'] / 1e12:>9.3f}"
-                  f"{format_fraction(row['fraction_of_limit']):>10}{row['peak_memory_bytes'] / GIB:>10.2f}",
-                  flush=True)
-        save()
+        for implementation, build_model in implementations.items():
+            if implementation == "authors" and (case.task != "inference" or case.compile):
+                continue
+            label = ("authors' " if implementation == "authors" else "") + case.label()
+            unsupported = bfloat16_unsupported(device) if case.dtype == "bfloat16" else None
+            if implementation == "authors" and case.depth not in (50, 101):
+                unsupported = "the authors' code builds ResNet-50 and ResNet-101 only"
+            if unsupported:
+                rows.append({**case.__dict__, "implementation": implementation, "skipped": unsupported})
+                print(f"  {label:<66}skipped: {unsupported}")
+            else:
+                row = benchmark_model_case(case, device, limits, calls=args.calls, build_model=build_model)
+                rows.append({**row, "implementation": implementation})
+                print(f"  {label:<66}{row['images_per_second']:>8.2f}"
+                      f"{row['flops'] / case.batch_size / 1e9:>11.1f}{row['flop_per_second'] / 1e12:>9.3f}"
+                      f"{format_fraction(row['fraction_of_limit']):>10}{row['peak_memory_bytes'] / GIB:>10.2f}",
+                      flush=True)
+            save()
 
 
 def slide_section(args, device, results, save):
@@ -174,6 +185,8 @@ def main(argv=None):
     model.add_argument("--checkpointing", nargs="+", choices=SWITCH, default=["off", "on"],
                        help="activation checkpointing of the backbone blocks (training cases)")
     model.add_argument("--compile", nargs="+", choices=SWITCH, default=["off"], help="torch.compile the model")
+    model.add_argument("--original", type=Path,
+                       help="a checkout of GitHub lsa1997/PCAA: time the authors' model too (inference cases)")
     slide = parser.add_argument_group("slide section")
     slide.add_argument("--slide-depth", type=int, choices=[18, 34, 50, 101], default=101)
     slide.add_argument("--weights", help="a saved PCAA folder to use instead of the random paper model")
@@ -185,12 +198,16 @@ def main(argv=None):
     args.channels_last = [SWITCH[value] for value in args.channels_last]
     args.checkpointing = [SWITCH[value] for value in args.checkpointing]
     args.compile = [SWITCH[value] for value in args.compile]
+    if args.original and not (args.original / "networks" / "caanet.py").is_file():
+        parser.error(f"--original {args.original}: not a checkout of lsa1997/PCAA (networks/caanet.py is missing)")
     try:
         device = torch.device(args.device)
     except RuntimeError as error:
         parser.error(f"--device {args.device!r}: {error}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this torch sees no CUDA device")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every case has fixed shapes (as mmsegmentation trains)
 
     results = {"machine": machine_description(device), "arguments": sys.argv[1:] if argv is None else list(argv)}
 

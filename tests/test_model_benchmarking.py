@@ -1,0 +1,221 @@
+"""The measuring tools behind scripts/benchmark.py: peak tensor memory, the case matrix, the matmul limit, the
+sliding-window and bfloat16 comparisons, the target checks, and the script end to end on a tiny matrix."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pcaa_hf import PCAAForSemanticSegmentation
+from pcaa_hf.convert_original import import_original
+from pcaa_hf.inference import sliding_windows
+from pcaa_hf.model_benchmarking import (
+    ModelCase, PeakTensorMemory, authors_model_builder, benchmark_model_case, benchmark_sliding_window,
+    bfloat16_agreement, matmul_throughput, model_cases, target_checks,
+)
+
+from pcaa_testing import small_config
+
+CPU = torch.device("cpu")
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+
+
+def test_peak_tensor_memory_counts_live_storages_once():
+    existing = torch.zeros(1000)  # 4000 bytes
+    with PeakTensorMemory([existing, existing[:10]]) as memory:
+        first = torch.ones(250_000)  # 1 MB
+        second = first * 2  # 2 MB live
+        del first
+        third = second + 1  # the first is gone: still 2 MB
+        third[:10].add_(1)  # a view and an in-place operation allocate nothing
+    assert memory.peak == 4000 + 2_000_000
+    assert memory.current_bytes() == 4000 + 2_000_000
+    del second, third
+
+
+def saved_activation_bytes(checkpointing):
+    """Bytes a training forward leaves alive for the backward pass, beyond the weights and the inputs."""
+    model = PCAAForSemanticSegmentation(small_config()).train()
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    pixel_values, labels = torch.randn(2, 3, 128, 128), torch.randint(0, 5, (2, 128, 128))
+    existing = list(model.parameters()) + list(model.buffers()) + [pixel_values, labels]
+    with PeakTensorMemory(existing) as memory:
+        base = memory.current_bytes()
+        loss = model(pixel_values, labels=labels).loss
+        alive = memory.current_bytes() - base
+        loss.backward()
+    assert memory.peak > base + alive  # the backward pass is seen too: gradients come on top
+    return alive
+
+
+def test_checkpointing_keeps_far_fewer_activations_for_the_backward_pass():
+    plain, checkpointed = saved_activation_bytes(False), saved_activation_bytes(True)
+    # 35 MB -> 19 MB: the blocks keep only their inputs; the stem, the heads and the loss keep theirs (at this
+    # small size they weigh more than at the paper's, where R101 768x768 training saves 55 %, docs/benchmarks.md).
+    assert checkpointed < 0.65 * plain, (plain, checkpointed)
+
+
+def test_model_cases_cover_the_matrix_and_inference_ignores_checkpointing():
+    cases = model_cases(["inference", "training"], [50, 101], [512, 768], [1, 2], ["float32", "bfloat16"],
+                        [False, True], [False, True], [False])
+    assert len(cases) == 32 + 64
+    assert not any(case.checkpointing for case in cases if case.task == "inference")
+    assert len(set(cases)) == len(cases)
+    assert cases[0].label() == "inference R50 512x512 batch 1 float32"
+    assert ModelCase("training", 101, 768, 2, "bfloat16", True, True, True).label() == (
+        "training R101 768x768 batch 2 bfloat16 channels_last checkpointing compile")
+
+
+def test_matmul_throughput_grows_the_size_until_a_product_takes_long():
+    limit = matmul_throughput(CPU, torch.float32, max_call_seconds=1e-9, block_seconds=0.01)
+    assert list(limit["by_size"]) == [512]  # the next size would exceed the (tiny) budget
+    assert limit["size"] == 512 and limit["flop_per_second"] == limit["by_size"][512] > 1e8
+
+
+def test_sliding_window_comparison_times_every_window():
+    model = PCAAForSemanticSegmentation(small_config()).eval()
+    frame = torch.randn(1, 3, 96, 160)
+    figures = benchmark_sliding_window(model, CPU, frame, crop_size=64, window_batch_size=2, calls=1)
+    windows = sliding_windows(96, 160, (64, 64), (43, 43))
+    assert figures["windows"] == len(windows) == len(figures["window_forward_seconds"]) == 8
+    assert figures["stride"] == [43, 43] and figures["frame"] == [96, 160]
+    assert figures["sum_of_window_forwards_seconds"] == pytest.approx(sum(figures["window_forward_seconds"]))
+    assert figures["slide_seconds"] > 0
+
+
+class Scaled(torch.nn.Module):
+    """Logits from a matrix product (bfloat16 under autocast) or from a multiplication (float32 under autocast)."""
+
+    def __init__(self, through_matmul):
+        super().__init__()
+        self.through_matmul = through_matmul
+
+    def forward(self, pixel_values):
+        if self.through_matmul:
+            # Class 1 beats class 0 by 2^-12, which bfloat16 (8 significant bits) rounds away: ties go to class 0.
+            weight = torch.tensor([[1.0, 0.0, 0.0], [1.0 + 2 ** -12, 0.0, 0.0]])
+            logits = torch.einsum("kc,bchw->bkhw", weight, pixel_values.abs() + 1)
+        else:
+            logits = torch.stack([pixel_values[:, 0], pixel_values[:, 0] * 1.0001], dim=1)
+        return types.SimpleNamespace(logits=F.avg_pool2d(logits, 1))
+
+
+def test_bfloat16_agreement_is_the_share_of_unchanged_argmax_pixels():
+    frame = torch.rand(1, 3, 16, 24)
+    assert bfloat16_agreement(Scaled(through_matmul=False), CPU, frame, crop_size=16) == 1.0
+    assert bfloat16_agreement(Scaled(through_matmul=True), CPU, frame, crop_size=16) == 0.0
+
+
+def row(task="inference", depth=101, size=768, batch_size=2, dtype="float32", channels_last=False,
+        checkpointing=False, implementation="pcaa_hf", **figures):
+    return dict(task=task, depth=depth, size=size, batch_size=batch_size, dtype=dtype, channels_last=channels_last,
+                checkpointing=checkpointing, compile=False, implementation=implementation, **figures)
+
+
+def test_target_checks_read_the_figures():
+    results = {
+        "model": [
+            row(seconds=2.0, flop_per_second=1.0, fraction_of_limit=0.93, peak_memory_bytes=1),
+            row(implementation="authors", seconds=2.5, flop_per_second=0.8, fraction_of_limit=0.74,
+                peak_memory_bytes=1),
+            row(channels_last=True, seconds=1.9, fraction_of_limit=0.89, peak_memory_bytes=1),
+            row(dtype="bfloat16", seconds=0.8, fraction_of_limit=0.5, peak_memory_bytes=1),
+            row(dtype="bfloat16", channels_last=True, skipped="no bfloat16"),
+            row(task="training", seconds=9.0, fraction_of_limit=0.7, peak_memory_bytes=100),
+            row(task="training", checkpointing=True, seconds=12.0, fraction_of_limit=0.7, peak_memory_bytes=55),
+        ],
+        "slide": {"slide_seconds": 10.0, "sum_of_window_forwards_seconds": 10.5, "bfloat16_argmax_agreement": 0.99},
+    }
+    checks = {target.split(" (")[0]: (figure, met) for target, figure, met in target_checks(results)}
+    assert checks["bfloat16 inference >= 2x faster than float32"] == ("2.50x - 2.50x", True)
+    assert checks["bfloat16 argmax equals float32's on >= 99.5 % of a 1024x2048 frame's pixels"] == ("99.000 %",
+                                                                                                     False)
+    assert checks["pcaa_hf inference at least as fast as the authors' code"] == ("1.250x - 1.250x their speed", True)
+    assert checks["activation checkpointing lowers R101 768x768 peak training memory by >= 40 %"] == (
+        "45.0 - 45.0 %", True)
+    assert checks["sliding-window evaluation costs <= the sum of its windows' forwards"] == ("0.952 of the sum",
+                                                                                            True)
+    layouts = [(figure, met) for target, figure, met in target_checks(results) if target.startswith("float32")]
+    assert layouts == [("93.0 - 93.0 %", True), ("89.0 - 89.0 %", False)]
+
+
+def test_benchmark_script_measures_a_small_matrix(tmp_path):
+    output = tmp_path / "figures.json"
+    environment = {name: value for name, value in os.environ.items() if name != "THP_MEM_ALLOC_ENABLE"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--sections", "limit", "model", "--tasks", "inference", "training",
+         "--depths", "18", "--sizes", "64", "--batch-sizes", "2", "--dtypes", "float32", "bfloat16",
+         "--checkpointing", "off", "on", "--channels-last", "off", "--calls", "1", "--output", str(output)],
+        capture_output=True, text=True, timeout=600, env=environment)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(output.read_text())
+    assert figures["machine"]["torch"] == torch.__version__
+    assert figures["machine"]["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert figures["limits"]["float32"]["flop_per_second"] > 1e9
+    rows = {(row["task"], row["dtype"], row["checkpointing"]): row for row in figures["model"]}
+    assert len(rows) == len(figures["model"]) == 6
+    measured = rows["inference", "float32", False]
+    assert measured["flops"] > 1e9 and measured["seconds"] > 0 and measured["peak_memory_bytes"] > 0
+    assert measured["fraction_of_limit"] == pytest.approx(
+        measured["flops"] / measured["seconds"] / figures["limits"]["float32"]["flop_per_second"])
+    # Recomputing the checkpointed blocks in the backward pass adds to the FLOPs of a training step.
+    assert rows["training", "float32", True]["flops"] > rows["training", "float32", False]["flops"]
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert "bfloat16 instructions" in rows["inference", "bfloat16", False]["skipped"]
+    assert "Targets:" in result.stdout and "float32 inference >= 90 %" in result.stdout
+
+
+def test_benchmark_script_refuses_a_missing_cuda_device(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    result = subprocess.run([sys.executable, str(SCRIPT), "--sections", "model", "--device", "cuda",
+                             "--output", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--device cuda: this torch sees no CUDA device" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def fake_checkout(root, scale):
+    """A stand-in for a checkout of lsa1997/PCAA: the two modules import_original loads, cv2 and an evaluate.py."""
+    (root / "networks").mkdir(parents=True)
+    (root / "loss").mkdir()
+    (root / "networks" / "__init__.py").write_text("")
+    (root / "networks" / "caanet.py").write_text(
+        "import cv2\nimport torch\n\n\n"
+        "class Seg_Model(torch.nn.Module):\n"
+        "    def __init__(self, num_classes, backbone, bins):\n"
+        "        super().__init__()\n"
+        f"        self.scale, self.settings = {scale}, (num_classes, backbone, bins)\n"
+        "        self.classifier = torch.nn.Conv2d(3, num_classes, 1)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.classifier(x) * self.scale, []\n")
+    (root / "loss" / "__init__.py").write_text("")
+    (root / "loss" / "criterion.py").write_text("JointClsLoss = None\n")
+    (root / "evaluate.py").write_text("raise ImportError('the checkout shadows evaluate')\n")
+    return root
+
+
+def test_the_authors_model_is_built_from_a_checkout_without_leaving_traces(tmp_path):
+    path_before = list(sys.path)
+    build = authors_model_builder(fake_checkout(tmp_path / "first", 1.0))
+    model = build(101, num_labels=19)
+    assert model.settings == (19, "resnet101", [(4, 4)])
+    assert sys.path == path_before
+    assert sys.modules.get("cv2") is None or sys.modules["cv2"].__spec__ is not None  # no stand-in left behind
+    assert "networks.caanet" not in sys.modules and "loss.criterion" not in sys.modules
+    import evaluate  # the real package, not the checkout's evaluate.py
+
+    assert hasattr(evaluate, "load")
+    # A second checkout is imported afresh, not served from the first one's modules.
+    caanet, criterion = import_original(fake_checkout(tmp_path / "second", 2.0))
+    assert caanet.Seg_Model(19, "resnet50", [(4, 4)]).scale == 2.0 and criterion.JointClsLoss is None
+    case = ModelCase("inference", 50, 32, 1, "float32", False)
+    figures = benchmark_model_case(case, CPU, {}, calls=1, build_model=build)
+    assert figures["flops"] == 2 * 3 * 19 * 32 * 32 and figures["fraction_of_limit"] is None
