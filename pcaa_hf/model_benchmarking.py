@@ -56,28 +56,34 @@ def bfloat16_unsupported(device):
     return None
 
 
+def matmul_flop_per_second(device, dtype, size, block_seconds=0.25, blocks=3):
+    """
+    FLOP/s of (size, size) @ (size, size) products, the best of `blocks` blocks of calls lasting `block_seconds` or
+    more (the output written in place: no allocation timed). Returns it and the seconds of one product.
+    """
+    left = torch.randn(size, size, device=device).to(dtype)
+    right = torch.randn(size, size, device=device).to(dtype)
+    product = torch.empty(size, size, device=device, dtype=dtype)
+
+    def products(count):
+        for _ in range(count):
+            torch.mm(left, right, out=product)
+
+    products(1)  # library set-up (handles, kernels) is not the product's time
+    first = best_seconds(lambda: products(1), device, 1)
+    calls = max(1, math.ceil(block_seconds / first))
+    return 2 * size ** 3 * calls / best_seconds(lambda: products(calls), device, blocks), first
+
+
 def matmul_throughput(device, dtype, max_call_seconds=2.0, block_seconds=0.25):
     """
     FLOP/s of the fastest square matrix product: n = 512, 1024, ... doubling while the next size's product would
-    take under `max_call_seconds`, each size timed as the best of 3 blocks of calls lasting `block_seconds` or more.
-    Returns {"flop_per_second": best, "size": its n, "by_size": {n: FLOP/s}}.
+    take under `max_call_seconds`. Returns {"flop_per_second": best, "size": its n, "by_size": {n: FLOP/s}}.
     """
     by_size = {}
     size = 512
     while size <= 16384:
-        left = torch.randn(size, size, device=device).to(dtype)
-        right = torch.randn(size, size, device=device).to(dtype)
-        product = torch.empty(size, size, device=device, dtype=dtype)  # written in place: no allocation timed
-
-        def products(count):
-            for _ in range(count):
-                torch.mm(left, right, out=product)
-
-        products(1)  # library set-up (handles, kernels) is not the product's time
-        first = best_seconds(lambda: products(1), device, 1)
-        calls = max(1, math.ceil(block_seconds / first))
-        block = best_seconds(lambda: products(calls), device, 3)
-        by_size[size] = 2 * size ** 3 * calls / block
+        by_size[size], first = matmul_flop_per_second(device, dtype, size, block_seconds)
         if first * 8 > max_call_seconds:
             break
         size *= 2
@@ -236,42 +242,62 @@ def case_step(case, model, device, num_labels):
     return step, existing
 
 
-def benchmark_model_case(case, device, limits, calls=3, num_labels=19, build_model=paper_model):
+def benchmark_model_case(case, device, limits, calls=3, num_labels=19, builders=None):
     """
-    Measure one `ModelCase` on the model `build_model(depth, num_labels)` returns: a first call counts FLOPs (eager,
-    uncompiled), a second (on CPUs) measures peak memory, then `calls` timed calls. Returns the case's fields and its
-    figures.
+    Measure one `ModelCase` on each model of `builders` ({name: build(depth, num_labels)}, default: ours). For each,
+    a first call counts FLOPs (eager, uncompiled) and a second measures peak memory; then `calls` rounds time one
+    call of each model in turn (so that a slower or faster spell of the machine meets all of them), between two
+    re-readings of the machine's matmul limit at its best size: a case's fraction of the limit is against the
+    higher of the two. Returns one row of the case's fields and figures per model, in `builders`' order.
     """
+    builders = builders or {"pcaa_hf": paper_model}
     gc.collect()  # the previous case's tensors, before this one allocates
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if case.compile:
         torch._dynamo.reset()  # each case compiles afresh, never hitting the previous cases' recompile limit
-    model = build_model(case.depth, num_labels).to(device)
-    step, existing = case_step(case, model, device, num_labels)
-    with FlopCounterMode(display=False) as counter:
-        step(model)
-    flops = counter.get_total_flops()
-    if case.compile:
-        step()
-    if device.type == "cuda":
-        step()
-        torch.cuda.reset_peak_memory_stats(device)
-        seconds = best_seconds(step, device, calls)
-        peak_bytes = torch.cuda.max_memory_allocated(device)
-    elif case.compile:  # dynamo does not compile under a Python dispatch mode: the tracker would see eager memory
-        peak_bytes = None
-        seconds = best_seconds(step, device, calls)
-    else:
-        with PeakTensorMemory(list(model.parameters()) + list(model.buffers()) + existing()) as memory:
+    runs = {}
+    for name, build_model in builders.items():
+        model = build_model(case.depth, num_labels).to(device)
+        step, existing = case_step(case, model, device, num_labels)
+        with FlopCounterMode(display=False) as counter:
+            step(model)
+        if case.compile:
+            step()  # compiles (the counted call ran the eager model)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
             step()
-        peak_bytes = memory.peak
-        seconds = best_seconds(step, device, calls)
-    limit = limits.get(limit_name(device, case.dtype), {}).get("flop_per_second")
-    flop_per_second = flops / seconds
-    return {**asdict(case), "seconds": seconds, "images_per_second": case.batch_size / seconds, "flops": flops,
-            "flop_per_second": flop_per_second, "limit": limit_name(device, case.dtype),
-            "fraction_of_limit": flop_per_second / limit if limit else None, "peak_memory_bytes": peak_bytes}
+            peak_bytes = torch.cuda.max_memory_allocated(device)
+        elif case.compile:  # dynamo does not compile under a Python dispatch mode: the tracker would see eager memory
+            peak_bytes = None
+        else:
+            with PeakTensorMemory(list(model.parameters()) + list(model.buffers()) + existing()) as memory:
+                step()
+            peak_bytes = memory.peak
+        runs[name] = {"step": step, "flops": counter.get_total_flops(), "peak_memory_bytes": peak_bytes,
+                      "seconds": math.inf}
+
+    limit_key = limit_name(device, case.dtype)
+    limit_size = limits.get(limit_key, {}).get("size")
+
+    def limit_now():
+        return matmul_flop_per_second(device, DTYPES[case.dtype], limit_size, blocks=1)[0] if limit_size else None
+
+    limit_before = limit_now()
+    for _ in range(calls):
+        for run in runs.values():
+            run["seconds"] = min(run["seconds"], best_seconds(run["step"], device, 1))
+    limit_after = limit_now()
+    limit = max(limit_before, limit_after) if limit_size else None
+    rows = []
+    for name, run in runs.items():
+        flop_per_second = run["flops"] / run["seconds"]
+        rows.append({**asdict(case), "implementation": name, "seconds": run["seconds"],
+                     "images_per_second": case.batch_size / run["seconds"], "flops": run["flops"],
+                     "flop_per_second": flop_per_second, "limit": limit_key, "limit_flop_per_second": limit,
+                     "fraction_of_limit": flop_per_second / limit if limit else None,
+                     "peak_memory_bytes": run["peak_memory_bytes"]})
+    return rows
 
 
 def benchmark_sliding_window(model, device, frame, crop_size=768, window_batch_size=4, calls=2):

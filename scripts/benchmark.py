@@ -106,34 +106,47 @@ def format_fraction(fraction):
     return "" if fraction is None else f"{100 * fraction:.1f} %"
 
 
+def format_memory(size):
+    return "" if size is None else f"{size / GIB:.2f}"
+
+
+def row_label(case, implementation):
+    return ("authors' " if implementation == "authors" else "") + case.label()
+
+
 def model_section(args, device, limits, results, save):
     cases = model_cases(args.tasks, args.depths, args.sizes, args.batch_sizes, args.dtypes, args.channels_last,
                         args.checkpointing, args.compile)
-    print(f"Model, {len(cases)} cases ({args.calls} timed calls each, the fastest kept):")
-    print(f"  {'case':<66}{'img/s':>8}{'GFLOP/img':>11}{'TFLOP/s':>9}{'of limit':>10}{'peak GiB':>10}")
+    print(f"Model, {len(cases)} cases ({args.calls} timed calls each, the fastest kept; fractions of the matmul limit "
+          "re-read beside each case):")
+    print(f"  {'case':<74}{'img/s':>8}{'GFLOP/img':>11}{'TFLOP/s':>9}{'of limit':>10}{'peak GiB':>10}")
     implementations = {"pcaa_hf": paper_model}
     if args.original:
         implementations["authors"] = authors_model_builder(args.original)
     rows = results.setdefault("model", [])
     for case in cases:
+        builders, skipped = {}, {}
         for implementation, build_model in implementations.items():
             if implementation == "authors" and (case.task != "inference" or case.compile):
                 continue
-            label = ("authors' " if implementation == "authors" else "") + case.label()
-            unsupported = bfloat16_unsupported(device) if case.dtype == "bfloat16" else None
+            reason = bfloat16_unsupported(device) if case.dtype == "bfloat16" else None
             if implementation == "authors" and case.depth not in (50, 101):
-                unsupported = "the authors' code builds ResNet-50 and ResNet-101 only"
-            if unsupported:
-                rows.append({**case.__dict__, "implementation": implementation, "skipped": unsupported})
-                print(f"  {label:<66}skipped: {unsupported}")
+                reason = "the authors' code builds ResNet-50 and ResNet-101 only"
+            if reason:
+                skipped[implementation] = reason
             else:
-                row = benchmark_model_case(case, device, limits, calls=args.calls, build_model=build_model)
-                rows.append({**row, "implementation": implementation})
-                print(f"  {label:<66}{row['images_per_second']:>8.2f}"
-                      f"{row['flops'] / case.batch_size / 1e9:>11.1f}{row['flop_per_second'] / 1e12:>9.3f}"
-                      f"{format_fraction(row['fraction_of_limit']):>10}{row['peak_memory_bytes'] / GIB:>10.2f}",
-                      flush=True)
-            save()
+                builders[implementation] = build_model
+        measured = benchmark_model_case(case, device, limits, calls=args.calls, builders=builders) if builders else []
+        for row in measured:
+            rows.append(row)
+            print(f"  {row_label(case, row['implementation']):<74}{row['images_per_second']:>8.2f}"
+                  f"{row['flops'] / case.batch_size / 1e9:>11.1f}{row['flop_per_second'] / 1e12:>9.3f}"
+                  f"{format_fraction(row['fraction_of_limit']):>10}{format_memory(row['peak_memory_bytes']):>10}",
+                  flush=True)
+        for implementation, reason in skipped.items():
+            rows.append({**case.__dict__, "implementation": implementation, "skipped": reason})
+            print(f"  {row_label(case, implementation):<74}skipped: {reason}")
+        save()
 
 
 def slide_section(args, device, results, save):

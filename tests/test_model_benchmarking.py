@@ -164,7 +164,8 @@ def test_benchmark_script_measures_a_small_matrix(tmp_path):
     measured = rows["inference", "float32", False]
     assert measured["flops"] > 1e9 and measured["seconds"] > 0 and measured["peak_memory_bytes"] > 0
     assert measured["fraction_of_limit"] == pytest.approx(
-        measured["flops"] / measured["seconds"] / figures["limits"]["float32"]["flop_per_second"])
+        measured["flops"] / measured["seconds"] / measured["limit_flop_per_second"])
+    assert measured["limit_flop_per_second"] > 0.5 * figures["limits"]["float32"]["flop_per_second"]
     # Recomputing the checkpointed blocks in the backward pass adds to the FLOPs of a training step.
     assert rows["training", "float32", True]["flops"] > rows["training", "float32", False]["flops"]
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -216,6 +217,16 @@ def test_the_authors_model_is_built_from_a_checkout_without_leaving_traces(tmp_p
     # A second checkout is imported afresh, not served from the first one's modules.
     caanet, criterion = import_original(fake_checkout(tmp_path / "second", 2.0))
     assert caanet.Seg_Model(19, "resnet50", [(4, 4)]).scale == 2.0 and criterion.JointClsLoss is None
+
+    def ours(depth, num_labels):
+        return PCAAForSemanticSegmentation(small_config(num_labels=num_labels))
+
     case = ModelCase("inference", 50, 32, 1, "float32", False)
-    figures = benchmark_model_case(case, CPU, {}, calls=1, build_model=build)
-    assert figures["flops"] == 2 * 3 * 19 * 32 * 32 and figures["fraction_of_limit"] is None
+    rows = benchmark_model_case(case, CPU, {"float32": {"size": 256}}, calls=2, builders={"pcaa_hf": ours,
+                                                                                       "authors": build})
+    assert [row["implementation"] for row in rows] == ["pcaa_hf", "authors"]
+    assert rows[1]["flops"] == 2 * 3 * 19 * 32 * 32 and rows[1]["peak_memory_bytes"] > 0
+    # Both against the same matmul limit, re-read beside the case at the given size.
+    assert rows[0]["limit_flop_per_second"] == rows[1]["limit_flop_per_second"] > 1e8
+    for row in rows:
+        assert row["fraction_of_limit"] == pytest.approx(row["flops"] / row["seconds"] / row["limit_flop_per_second"])
