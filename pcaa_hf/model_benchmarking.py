@@ -11,7 +11,6 @@ state, activations).
 import gc
 import itertools
 import math
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
@@ -21,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from .benchmarking import best_seconds
 from .configuration_pcaa import PCAAConfig
 from .convert_original import import_original
 from .inference import SegmentationInference, sliding_windows
@@ -28,23 +28,6 @@ from .modeling_pcaa import PCAAForSemanticSegmentation
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TASKS = ("inference", "training")
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_seconds(function, device, calls):
-    """The shortest wall time of `calls` calls (the least disturbed by other work), the device synchronised."""
-    best = math.inf
-    for _ in range(calls):
-        synchronize(device)
-        start = time.perf_counter()
-        function()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def bfloat16_unsupported(device):
@@ -70,9 +53,9 @@ def matmul_flop_per_second(device, dtype, size, block_seconds=0.25, blocks=3):
             torch.mm(left, right, out=product)
 
     products(1)  # library set-up (handles, kernels) is not the product's time
-    first = best_seconds(lambda: products(1), device, 1)
+    first = best_seconds(lambda: products(1), 1, device)
     calls = max(1, math.ceil(block_seconds / first))
-    return 2 * size ** 3 * calls / best_seconds(lambda: products(calls), device, blocks), first
+    return 2 * size ** 3 * calls / best_seconds(lambda: products(calls), blocks, device), first
 
 
 def matmul_throughput(device, dtype, max_call_seconds=2.0, block_seconds=0.25):
@@ -286,7 +269,7 @@ def benchmark_model_case(case, device, limits, calls=3, num_labels=19, builders=
     limit_before = limit_now()
     for _ in range(calls):
         for run in runs.values():
-            run["seconds"] = min(run["seconds"], best_seconds(run["step"], device, 1))
+            run["seconds"] = min(run["seconds"], best_seconds(run["step"], 1, device))
     limit_after = limit_now()
     limit = max(limit_before, limit_after) if limit_size else None
     rows = []
@@ -314,9 +297,9 @@ def benchmark_sliding_window(model, device, frame, crop_size=768, window_batch_s
             model(pixel_values=crop)
 
     forward(crops[0])
-    window_seconds = [best_seconds(lambda: forward(crop), device, calls) for crop in crops]
+    window_seconds = [best_seconds(lambda: forward(crop), calls, device) for crop in crops]
     inference.logits(model, frame)
-    slide_seconds = best_seconds(lambda: inference.logits(model, frame), device, calls)
+    slide_seconds = best_seconds(lambda: inference.logits(model, frame), calls, device)
     return {"frame": list(frame.shape[-2:]), "crop_size": crop_size, "stride": list(inference.stride),
             "windows": len(windows), "window_batch_size": window_batch_size, "slide_seconds": slide_seconds,
             "sum_of_window_forwards_seconds": sum(window_seconds), "window_forward_seconds": window_seconds}
@@ -351,8 +334,9 @@ def target_checks(results):
         wanted = {**{field.name: row[field.name] for field in fields(ModelCase)}, **changes}
         return next((other for other in rows if all(other[key] == value for key, value in wanted.items())), None)
 
-    speedups = [twin(row, dtype="float32")["seconds"] / row["seconds"] for row in rows
-                if row["task"] == "inference" and row["dtype"] == "bfloat16" and twin(row, dtype="float32")]
+    bfloat16_pairs = [(row, twin(row, dtype="float32")) for row in rows
+                      if row["task"] == "inference" and row["dtype"] == "bfloat16"]
+    speedups = [float32["seconds"] / row["seconds"] for row, float32 in bfloat16_pairs if float32]
     if speedups:
         checks.append(("bfloat16 inference >= 2x faster than float32 (every case)",
                        f"{min(speedups):.2f}x - {max(speedups):.2f}x", min(speedups) >= 2))
@@ -360,14 +344,15 @@ def target_checks(results):
     if agreement is not None:
         checks.append(("bfloat16 argmax equals float32's on >= 99.5 % of a 1024x2048 frame's pixels",
                        f"{100 * agreement:.3f} %", agreement >= 0.995))
-    authors = [row for row in measured if row.get("implementation") == "authors"]
-    speedups = [row["seconds"] / twin(row)["seconds"] for row in authors if twin(row)]
+    authors_pairs = [(row, twin(row)) for row in measured if row.get("implementation") == "authors"]
+    speedups = [row["seconds"] / ours["seconds"] for row, ours in authors_pairs if ours]
     if speedups:
         checks.append(("pcaa_hf inference at least as fast as the authors' code (every case)",
                        f"{min(speedups):.3f}x - {max(speedups):.3f}x their speed", min(speedups) >= 1))
-    savings = [1 - row["peak_memory_bytes"] / twin(row, checkpointing=False)["peak_memory_bytes"] for row in rows
-               if row["task"] == "training" and row["checkpointing"] and row["depth"] == 101 and row["size"] == 768
-               and twin(row, checkpointing=False)]
+    checkpointing_pairs = [(row, twin(row, checkpointing=False)) for row in rows if row["task"] == "training"
+                           and row["checkpointing"] and row["depth"] == 101 and row["size"] == 768]
+    savings = [1 - row["peak_memory_bytes"] / plain["peak_memory_bytes"] for row, plain in checkpointing_pairs
+               if plain]
     if savings:
         checks.append(("activation checkpointing lowers R101 768x768 peak training memory by >= 40 % (every case)",
                        f"{100 * min(savings):.1f} - {100 * max(savings):.1f} %", min(savings) >= 0.4))

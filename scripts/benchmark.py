@@ -29,6 +29,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 # This folder's evaluate.py would shadow the `evaluate` package, which the metric section loads.
@@ -144,7 +145,7 @@ def model_section(args, device, limits, results, save):
                   f"{format_fraction(row['fraction_of_limit']):>10}{format_memory(row['peak_memory_bytes']):>10}",
                   flush=True)
         for implementation, reason in skipped.items():
-            rows.append({**case.__dict__, "implementation": implementation, "skipped": reason})
+            rows.append({**asdict(case), "implementation": implementation, "skipped": reason})
             print(f"  {row_label(case, implementation):<74}skipped: {reason}")
         save()
 
