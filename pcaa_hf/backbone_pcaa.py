@@ -1,7 +1,10 @@
 """Dilated ResNet "v1c" (deep stem, stride on the 3x3 conv) as used by PCAA, at output stride 8 or 16."""
 
+import math
 from contextlib import contextmanager, nullcontext
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -38,8 +41,42 @@ def statistics_preserving_recomputation(module: nn.Module):
     return nullcontext(), preserved_running_statistics(module)
 
 
+def memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    channels_last = not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def to_phases(hidden_state: torch.Tensor, phases: int) -> torch.Tensor:
+    """
+    Space-to-batch: (B, C, H, W) -> (phases * phases * B, C, H / phases, W / phases), where batch entry
+    (i * phases + j) * B + b holds `hidden_state[b, :, i::phases, j::phases]`; H and W must be divisible by `phases`.
+    One copy, into the input's memory layout.
+    """
+    if phases == 1:
+        return hidden_state
+    batch, channels, height, width = hidden_state.shape
+    shape = (phases * phases * batch, channels, height // phases, width // phases)
+    phased = torch.empty(shape, dtype=hidden_state.dtype, device=hidden_state.device,
+                         memory_format=memory_format(hidden_state))
+    grid = hidden_state.unflatten(3, (width // phases, phases)).unflatten(2, (height // phases, phases))
+    phased.unflatten(0, (phases, phases, batch)).copy_(grid.permute(3, 5, 0, 1, 2, 4))
+    return phased
+
+
+def from_phases(phased: torch.Tensor, phases: int) -> torch.Tensor:
+    """Batch-to-space, the inverse of `to_phases`: (phases * phases * B, C, h, w) -> (B, C, h * phases, w * phases)."""
+    if phases == 1:
+        return phased
+    batch, channels, height, width = phased.shape[0] // (phases * phases), *phased.shape[1:]
+    shape = (batch, channels, height * phases, width * phases)
+    hidden_state = torch.empty(shape, dtype=phased.dtype, device=phased.device, memory_format=memory_format(phased))
+    grid = hidden_state.unflatten(3, (width, phases)).unflatten(2, (height, phases))
+    grid.copy_(phased.unflatten(0, (phases, phases, batch)).permute(2, 3, 4, 0, 5, 1))
+    return hidden_state
+
+
 class PCAAConvNormAct(nn.Sequential):
-    """Conv (no bias, padding = dilation * (kernel // 2)) -> BatchNorm -> optional ReLU."""
+    """Conv (no bias, padding = dilation * (kernel // 2)) -> BatchNorm -> optional ReLU; one conv in inference."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, dilation=1, activation=True):
         super().__init__()
@@ -54,6 +91,26 @@ class PCAAConvNormAct(nn.Sequential):
         )
         self.norm = nn.BatchNorm2d(out_channels)
         self.activation = nn.ReLU(inplace=True) if activation else nn.Identity()
+
+    def forward(self, hidden_state, phases=1):
+        """
+        `phases` > 1: `hidden_state` is `to_phases(x, phases)` of a map x. A conv dilated by d on x is then the same
+        conv dilated by d / phases on each phase.
+        """
+        conv, norm = self.conv, self.norm
+        weight, bias = conv.weight, conv.bias
+        folded = not norm.training and norm.running_mean is not None
+        if folded:
+            # Normalising with running statistics is a per-channel affine map: folded into the conv's weights and bias
+            # (anew at every call, so it always reflects the current parameters), it spares a pass over the output.
+            scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+            shift = norm.bias - norm.running_mean * scale
+            bias = shift if bias is None else torch.addcmul(shift, bias, scale)
+            weight = weight * scale.view(-1, 1, 1, 1)
+        dilation = tuple(rate // phases for rate in conv.dilation)
+        padding = tuple(rate * (size // 2) for rate, size in zip(dilation, conv.kernel_size))
+        hidden_state = F.conv2d(hidden_state, weight, bias, conv.stride, padding, dilation)
+        return self.activation(hidden_state if folded else norm(hidden_state))
 
 
 class PCAAResidualBlock(GradientCheckpointingLayer):
@@ -71,9 +128,9 @@ class PCAAResidualBlock(GradientCheckpointingLayer):
         )
         self.activation = nn.ReLU(inplace=True)
 
-    def forward(self, hidden_state):
-        # In place: the branch ends in a BatchNorm, whose output nothing saves for backward.
-        return self.activation(self.branch(hidden_state).add_(self.shortcut(hidden_state)))
+    def forward(self, hidden_state, phases=1):
+        # In place: the branch ends in a BatchNorm or (in inference) a conv, whose output nothing saves for backward.
+        return self.activation(self.branch(hidden_state, phases).add_(self.shortcut(hidden_state)))
 
 
 class PCAABasicBlock(PCAAResidualBlock):
@@ -86,8 +143,8 @@ class PCAABasicBlock(PCAAResidualBlock):
         self.conv1 = PCAAConvNormAct(in_channels, width, 3, stride=stride, dilation=dilation)
         self.conv2 = PCAAConvNormAct(width, width * self.expansion, 3, activation=False)
 
-    def branch(self, hidden_state):
-        return self.conv2(self.conv1(hidden_state))
+    def branch(self, hidden_state, phases):
+        return self.conv2(self.conv1(hidden_state, phases), phases)
 
 
 class PCAABottleneck(PCAAResidualBlock):
@@ -101,8 +158,31 @@ class PCAABottleneck(PCAAResidualBlock):
         self.conv2 = PCAAConvNormAct(width, width, 3, stride=stride, dilation=dilation)
         self.conv3 = PCAAConvNormAct(width, width * self.expansion, 1, activation=False)
 
-    def branch(self, hidden_state):
-        return self.conv3(self.conv2(self.conv1(hidden_state)))
+    def branch(self, hidden_state, phases):
+        return self.conv3(self.conv2(self.conv1(hidden_state), phases))
+
+
+class PCAAResNetStage(nn.Sequential):
+    """
+    The residual blocks of one stage. A dilated stage runs on the phase decomposition of its input (`to_phases`), by
+    the largest factor dividing every dilation of its convs and the map's height and width: there its convs are
+    dilated less (R50/R101 at output stride 8: stage 3 not at all), the same computation, which oneDNN runs up to
+    a third faster where the dilated kernels are slow (docs/benchmarks.md). Input and output (B, C, H, W).
+    """
+
+    def __init__(self, *blocks):
+        super().__init__(*blocks)
+        convs = [module for module in self.modules() if isinstance(module, nn.Conv2d)]
+        dilations = [rate for conv in convs if conv.kernel_size != (1, 1) for rate in conv.dilation]
+        strided = any(conv.stride != (1, 1) for conv in convs)
+        self.phases = 1 if strided else math.gcd(*dilations)
+
+    def forward(self, hidden_state):
+        phases = math.gcd(self.phases, *hidden_state.shape[2:])
+        hidden_state = to_phases(hidden_state, phases)
+        for block in self:
+            hidden_state = block(hidden_state, phases)
+        return from_phases(hidden_state, phases)
 
 
 def stage_strides_and_dilations(output_stride: int):
@@ -145,7 +225,7 @@ class PCAAResNetBackbone(nn.Module):
                 grid = MULTI_GRID[block_index % len(MULTI_GRID)] if config.multi_grid and is_last else 1
                 blocks.append(block(in_channels, width, stride if block_index == 0 else 1, dilation * grid))
                 in_channels = width * block.expansion
-            self.stages.append(nn.Sequential(*blocks))
+            self.stages.append(PCAAResNetStage(*blocks))
         self.channels = [STEM_WIDTHS[-1]] + [width * block.expansion for width in STAGE_WIDTHS]
 
     def forward(self, pixel_values):

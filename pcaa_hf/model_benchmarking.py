@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -27,6 +28,7 @@ from .inference import SegmentationInference, sliding_windows
 from .modeling_pcaa import PCAAForSemanticSegmentation
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MATMUL_KERNELS = {"cpu": ("mm", "conv1x1"), "cuda": ("mm",)}
 TASKS = ("inference", "training")
 
 
@@ -39,39 +41,59 @@ def bfloat16_unsupported(device):
     return None
 
 
-def matmul_flop_per_second(device, dtype, size, block_seconds=0.25, blocks=3):
+def matrix_product(device, dtype, size, kernel):
     """
-    FLOP/s of (size, size) @ (size, size) products, the best of `blocks` blocks of calls lasting `block_seconds` or
-    more (the output written in place: no allocation timed). Returns it and the seconds of one product.
+    A function computing one matrix product with `kernel`, and its FLOPs. "mm": `torch.mm` of two (size, size)
+    matrices (MKL or OpenBLAS on CPUs, cuBLAS on GPUs; output written in place). "conv1x1": the library that runs the
+    convolutions (oneDNN on x86 CPUs), as a 1x1 convolution of a channels-last map of 16 * size pixels and `size`
+    channels: a (16 * size, size) @ (size, size) product, the shape of a layer on a feature map.
     """
-    left = torch.randn(size, size, device=device).to(dtype)
-    right = torch.randn(size, size, device=device).to(dtype)
-    product = torch.empty(size, size, device=device, dtype=dtype)
+    if kernel == "mm":
+        left = torch.randn(size, size, device=device).to(dtype)
+        right = torch.randn(size, size, device=device).to(dtype)
+        product = torch.empty(size, size, device=device, dtype=dtype)
+        return (lambda: torch.mm(left, right, out=product)), 2 * size ** 3
+    pixels = torch.randn(1, size, 16 * size, 1, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(size, size, 1, 1, device=device).to(dtype)
+    return (lambda: F.conv2d(pixels, weight)), 2 * 16 * size ** 3
+
+
+def matmul_flop_per_second(device, dtype, size, kernel="mm", block_seconds=0.25, blocks=3):
+    """
+    FLOP/s of `kernel`'s products at `size` (see `matrix_product`), the best of `blocks` blocks of calls lasting
+    `block_seconds` or more. Returns it and the seconds of one product.
+    """
+    product, flops = matrix_product(device, dtype, size, kernel)
 
     def products(count):
         for _ in range(count):
-            torch.mm(left, right, out=product)
+            product()
 
     products(1)  # library set-up (handles, kernels) is not the product's time
     first = best_seconds(lambda: products(1), 1, device)
     calls = max(1, math.ceil(block_seconds / first))
-    return 2 * size ** 3 * calls / best_seconds(lambda: products(calls), blocks, device), first
+    return flops * calls / best_seconds(lambda: products(calls), blocks, device), first
 
 
 def matmul_throughput(device, dtype, max_call_seconds=2.0, block_seconds=0.25):
     """
-    FLOP/s of the fastest square matrix product: n = 512, 1024, ... doubling while the next size's product would
-    take under `max_call_seconds`. Returns {"flop_per_second": best, "size": its n, "by_size": {n: FLOP/s}}.
+    FLOP/s of the fastest large matrix product on `device`: `torch.mm`, and on CPUs also the convolution library's
+    product (MKL's and oneDNN's kernels differ by over 20 % on some CPUs), each at size = 256, 512, ... doubling while
+    the next size's product would take under `max_call_seconds`. Returns {"flop_per_second": best, "kernel" and
+    "size": where, "by_kernel": {kernel: {size: FLOP/s}}}.
     """
-    by_size = {}
-    size = 512
-    while size <= 16384:
-        by_size[size], first = matmul_flop_per_second(device, dtype, size, block_seconds)
-        if first * 8 > max_call_seconds:
-            break
-        size *= 2
-    best = max(by_size, key=by_size.get)
-    return {"flop_per_second": by_size[best], "size": best, "by_size": by_size}
+    by_kernel = {}
+    for kernel in MATMUL_KERNELS[device.type]:
+        by_size = by_kernel[kernel] = {}
+        size = 256
+        while size <= 16384:
+            by_size[size], first = matmul_flop_per_second(device, dtype, size, kernel, block_seconds)
+            if first * 8 > max_call_seconds:
+                break
+            size *= 2
+    kernel, size = max(((kernel, size) for kernel, by_size in by_kernel.items() for size in by_size),
+                       key=lambda where: by_kernel[where[0]][where[1]])
+    return {"flop_per_second": by_kernel[kernel][size], "kernel": kernel, "size": size, "by_kernel": by_kernel}
 
 
 def machine_limits(device, dtypes):
@@ -261,17 +283,16 @@ def benchmark_model_case(case, device, limits, calls=3, num_labels=19, builders=
                       "seconds": math.inf}
 
     limit_key = limit_name(device, case.dtype)
-    limit_size = limits.get(limit_key, {}).get("size")
+    fastest = limits.get(limit_key)  # the kernel and size of the fastest product
 
     def limit_now():
-        return matmul_flop_per_second(device, DTYPES[case.dtype], limit_size, blocks=1)[0] if limit_size else None
+        return matmul_flop_per_second(device, DTYPES[case.dtype], fastest["size"], fastest["kernel"], blocks=1)[0]
 
-    limit_before = limit_now()
+    limit_before = limit_now() if fastest else None
     for _ in range(calls):
         for run in runs.values():
             run["seconds"] = min(run["seconds"], best_seconds(run["step"], 1, device))
-    limit_after = limit_now()
-    limit = max(limit_before, limit_after) if limit_size else None
+    limit = max(limit_before, limit_now()) if fastest else None
     rows = []
     for name, run in runs.items():
         flop_per_second = run["flops"] / run["seconds"]

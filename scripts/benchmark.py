@@ -2,8 +2,9 @@
 """Speed and memory measurements for docs/benchmarks.md.
 
 Sections:
-  limit   the machine's own limit: FLOP/s of large matrix products in each --dtypes (and TF32 on NVIDIA GPUs), which
-          the model section reports its FLOP/s against. Run whenever it is.
+  limit   the machine's own limit: FLOP/s of the fastest large matrix product in each --dtypes (and TF32 on NVIDIA
+          GPUs), by torch.mm or, on CPUs, by the library that runs the convolutions (oneDNN, as a 1x1 convolution),
+          which the model section reports its FLOP/s against. Run whenever it is.
   model   forward (inference) and training-step (SGD, the paper's loss) throughput, FLOPs (torch's flop counter) and
           peak memory of the paper's model (output stride 8, one 4x4 PCAA module, 19 classes, random weights) for
           every combination of --tasks, --depths, --sizes (square), --batch-sizes, --dtypes (bfloat16 = autocast),
@@ -97,9 +98,12 @@ def metric_section(hub_mean_iou):
 
 def limit_section(device, dtypes):
     limits = machine_limits(device, dtypes)
-    print("Machine limit, square matrix products:")
+    print("Machine limit, the fastest large matrix product (torch.mm; on CPUs also the convolutions' library):")
     for name, limit in limits.items():
-        print(f"  {name:<10}{limit['flop_per_second'] / 1e12:>9.3f} TFLOP/s  (n = {limit['size']})")
+        kernels = ", ".join(f"{kernel} {max(by_size.values()) / 1e12:.3f}"
+                            for kernel, by_size in limit["by_kernel"].items())
+        print(f"  {name:<10}{limit['flop_per_second'] / 1e12:>9.3f} TFLOP/s  ({limit['kernel']} at size {limit['size']}; "
+              f"best of each kernel: {kernels})")
     return limits
 
 

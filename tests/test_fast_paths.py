@@ -1,7 +1,9 @@
 """The fast paths: channels-last activations for CPU inference only, standard tensors out; gradients still reach
-the input of a frozen eval-mode model; and the model's operator count does not grow with classes, regions or pixels
-(no Python loops over them)."""
+the input of a frozen eval-mode model; dilated stages on phase decompositions and BatchNorm folded into the
+convolutions in inference, each computing what the plain layers compute; and the model's operator count does not grow
+with classes, regions or pixels (no Python loops over them)."""
 
+import copy
 from collections import Counter
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pcaa_hf import PCAAForSemanticSegmentation
+from pcaa_hf.backbone_pcaa import PCAAConvNormAct, from_phases, to_phases
 
 from pcaa_testing import randomise_weights, small_config
 
@@ -50,13 +53,103 @@ def test_cpu_inference_runs_channels_last_and_training_does_not():
 
 
 class OperatorCounter(TorchDispatchMode):
+    """Counts the operators run, and records the dilation of every convolution with a kernel larger than 1x1."""
+
     def __init__(self):
         super().__init__()
         self.counts = Counter()
+        self.dilations = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[str(func)] += 1
+        if func is torch.ops.aten.convolution.default and args[1].shape[-1] > 1:
+            self.dilations.add(tuple(args[5]))
         return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("phases", [2, 4])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_phases_are_the_strided_slices_of_a_map_and_invert(phases, memory_format):
+    hidden_state = torch.randn(2, 3, 8, 12).contiguous(memory_format=memory_format)
+    phased = to_phases(hidden_state, phases)
+    assert phased.shape == (phases * phases * 2, 3, 8 // phases, 12 // phases)
+    assert phased.is_contiguous(memory_format=memory_format)
+    for row in range(phases):
+        for col in range(phases):
+            for image in range(2):
+                expected = hidden_state[image, :, row::phases, col::phases]
+                assert torch.equal(phased[(row * phases + col) * 2 + image], expected)
+    restored = from_phases(phased, phases)
+    assert torch.equal(restored, hidden_state) and restored.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (dict(backbone_depth=50), [1, 1, 2, 4]),
+    (dict(backbone_depth=50, multi_grid=True), [1, 1, 2, 4]),  # stage 4 dilated 4, 8, 16
+    (dict(backbone_depth=50, output_stride=16), [1, 1, 1, 2]),
+    (dict(backbone_depth=18), [1, 1, 1, 1]),  # the second conv of a basic block is undilated
+])
+def test_a_stage_runs_on_phases_by_the_factor_every_dilation_of_its_convs_shares(overrides, expected):
+    model = PCAAForSemanticSegmentation(small_config(**overrides))
+    assert [stage.phases for stage in model.backbone.stages] == expected
+
+
+@pytest.mark.parametrize("size, dilations", [
+    ((64, 64), {(1, 1), (2, 2), (4, 4)}),  # 8x8 features: stage 3 on 2x2 phases, stage 4 (4, 8, 16) on 4x4
+    ((48, 80), {(1, 1), (2, 2), (4, 4), (8, 8)}),  # 6x10: 2 divides both sides, 4 does not: 2x2 phases in both
+    ((72, 88), {(1, 1), (2, 2), (4, 4), (8, 8), (16, 16)}),  # 9x11: no phases, the dilated convolutions as built
+])
+@pytest.mark.parametrize("training", [False, True])
+def test_phase_decomposition_computes_what_the_dilated_convolutions_do(size, dilations, training):
+    model = randomise_weights(PCAAForSemanticSegmentation(small_config(backbone_depth=50, multi_grid=True)))
+    model = model.to(torch.float64).train(training)
+    dilated = copy.deepcopy(model)
+    for stage in dilated.backbone.stages:
+        stage.phases = 1
+    pixel_values = torch.randn(2, 3, *size, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, *size))
+    results = []
+    for network in (model, dilated):
+        torch.manual_seed(0)  # the same dropout masks
+        with OperatorCounter() as counter:
+            outputs = network(pixel_values, labels=labels)
+            outputs.loss.backward()
+        results.append((counter.dilations, outputs, dict(network.named_parameters()), dict(network.named_buffers())))
+    (seen, outputs, parameters, buffers), (_, expected, dilated_parameters, dilated_buffers) = results
+    assert seen == dilations
+    torch.testing.assert_close(outputs.logits, expected.logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(outputs.loss, expected.loss, rtol=1e-12, atol=1e-12)
+    for name, parameter in parameters.items():
+        torch.testing.assert_close(parameter.grad, dilated_parameters[name].grad, rtol=1e-9, atol=1e-9)
+    for name, buffer in buffers.items():  # BatchNorm statistics of the phases are those of the whole map
+        torch.testing.assert_close(buffer, dilated_buffers[name], rtol=1e-12, atol=1e-12)
+
+
+def test_inference_folds_batch_norm_into_the_convolution_with_the_current_parameters():
+    layer = randomise_weights(PCAAConvNormAct(4, 6, 3, dilation=2)).to(torch.float64)
+    pixels = torch.randn(2, 4, 10, 10, dtype=torch.float64, requires_grad=True)
+
+    def conv_then_norm():
+        return layer.activation(layer.norm(layer.conv(pixels)))
+
+    for training in (True, False):
+        layer.train(training)
+        with OperatorCounter() as counter:
+            output = layer(pixels)
+        normalised = any("batch_norm" in name for name in counter.counts)
+        assert normalised == training  # in inference BatchNorm runs inside the convolution
+        torch.testing.assert_close(output, conv_then_norm(), rtol=1e-12, atol=1e-12)
+    # Fine-tuning with frozen statistics: the same gradients as through the convolution and BatchNorm.
+    gradients = torch.autograd.grad(layer(pixels).square().sum(), [pixels, *layer.parameters()])
+    expected = torch.autograd.grad(conv_then_norm().square().sum(), [pixels, *layer.parameters()])
+    for gradient, reference in zip(gradients, expected):
+        torch.testing.assert_close(gradient, reference, rtol=1e-12, atol=1e-12)
+    # Nothing is cached: parameters and statistics changed in place count at the next call.
+    with torch.no_grad():
+        layer.conv.weight.mul_(-1.5)
+        layer.norm.running_mean.add_(0.5)
+        layer.norm.weight.mul_(2.0)
+    torch.testing.assert_close(layer(pixels), conv_then_norm(), rtol=1e-12, atol=1e-12)
 
 
 def operator_counts(num_labels, bins, size, training):

@@ -17,7 +17,7 @@ from pcaa_hf.convert_original import import_original
 from pcaa_hf.inference import sliding_windows
 from pcaa_hf.model_benchmarking import (
     ModelCase, PeakTensorMemory, authors_model_builder, benchmark_model_case, benchmark_sliding_window,
-    bfloat16_agreement, matmul_throughput, model_cases, target_checks,
+    bfloat16_agreement, matmul_throughput, matrix_product, model_cases, target_checks,
 )
 
 from pcaa_testing import small_config
@@ -75,8 +75,29 @@ def test_model_cases_cover_the_matrix_and_inference_ignores_checkpointing():
 
 def test_matmul_throughput_grows_the_size_until_a_product_takes_long():
     limit = matmul_throughput(CPU, torch.float32, max_call_seconds=1e-9, block_seconds=0.01)
-    assert list(limit["by_size"]) == [512]  # the next size would exceed the (tiny) budget
-    assert limit["size"] == 512 and limit["flop_per_second"] == limit["by_size"][512] > 1e8
+    # Both of the CPU's kernels, each stopped at the first size: the next would exceed the (tiny) budget.
+    assert {kernel: list(by_size) for kernel, by_size in limit["by_kernel"].items()} == {"mm": [256],
+                                                                                          "conv1x1": [256]}
+    assert limit["size"] == 256 and limit["flop_per_second"] == max(
+        by_size[256] for by_size in limit["by_kernel"].values()) > 1e8
+    assert limit["flop_per_second"] == limit["by_kernel"][limit["kernel"]][256]
+
+
+@pytest.mark.parametrize("kernel", ["mm", "conv1x1"])
+def test_each_matmul_kernel_computes_the_product_it_is_timed_for(kernel):
+    torch.manual_seed(0)
+    product, flops = matrix_product(CPU, torch.float64, 32, kernel)
+    result = product()
+    torch.manual_seed(0)  # the same operands again
+    if kernel == "mm":
+        expected = torch.randn(32, 32).double() @ torch.randn(32, 32).double()
+        assert flops == 2 * 32 ** 3
+    else:  # 32 channels of 16 * 32 pixels, then the weights (output channels x input channels)
+        pixels, weights = torch.randn(32, 16 * 32).double(), torch.randn(32, 32).double()
+        expected = (weights @ pixels)[None, :, :, None]
+        assert flops == 2 * (16 * 32) * 32 * 32
+    assert result.shape == expected.shape
+    torch.testing.assert_close(result, expected)
 
 
 def test_sliding_window_comparison_times_every_window():
@@ -222,8 +243,8 @@ def test_the_authors_model_is_built_from_a_checkout_without_leaving_traces(tmp_p
         return PCAAForSemanticSegmentation(small_config(num_labels=num_labels))
 
     case = ModelCase("inference", 50, 32, 1, "float32", False)
-    rows = benchmark_model_case(case, CPU, {"float32": {"size": 256}}, calls=2, builders={"pcaa_hf": ours,
-                                                                                       "authors": build})
+    limits = {"float32": {"size": 256, "kernel": "conv1x1"}}
+    rows = benchmark_model_case(case, CPU, limits, calls=2, builders={"pcaa_hf": ours, "authors": build})
     assert [row["implementation"] for row in rows] == ["pcaa_hf", "authors"]
     assert rows[1]["flops"] == 2 * 3 * 19 * 32 * 32 and rows[1]["peak_memory_bytes"] > 0
     # Both against the same matmul limit, re-read beside the case at the given size.
