@@ -43,6 +43,7 @@ from pcaa_hf import PCAAForSemanticSegmentation, PCAAImageProcessor
 from pcaa_hf.argument_types import positive_int
 from pcaa_hf.atomic_folders import write_json_atomically
 from pcaa_hf.benchmarking import benchmark_mean_iou, benchmark_train_transform, machine_description
+from pcaa_hf.cpu_memory import reuse_freed_cpu_memory
 from pcaa_hf.label_sets import CITYSCAPES_ID_TO_TRAIN_ID
 from pcaa_hf.model_benchmarking import (
     TASKS, authors_model_builder, benchmark_model_case, benchmark_sliding_window, bfloat16_agreement,
@@ -228,6 +229,7 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True  # every case has fixed shapes (as mmsegmentation trains)
 
     results = {"machine": machine_description(device), "arguments": sys.argv[1:] if argv is None else list(argv)}
+    results["machine"]["freed_cpu_memory_reused"] = reuse_freed_cpu_memory()
 
     def save():
         write_json_atomically(args.output, results)

@@ -39,6 +39,7 @@ from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 import pcaa_hf  # noqa: F401  (registers PCAA with the Auto classes)
 from pcaa_hf.argument_types import non_negative_int, positive_int
 from pcaa_hf.atomic_folders import write_json_atomically
+from pcaa_hf.cpu_memory import reuse_freed_cpu_memory
 from pcaa_hf.evaluation import evaluate_segmentation, metrics_to_json, results_table
 from pcaa_hf.inference import MODES, SegmentationInference
 from pcaa_hf.label_sets import CITYSCAPES_LABELS, IGNORE_INDEX
@@ -144,6 +145,7 @@ def prediction_writer(args, split, id2label):
 
 def main(argv=None):
     args = parse_args(argv)
+    reuse_freed_cpu_memory()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     try:

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from pcaa_hf.cpu_memory import reuse_freed_cpu_memory
 from pcaa_hf.synthetic import write_cityscapes_tree
 from pcaa_hf.training import Trainer, TrainingArguments
 
@@ -36,6 +37,7 @@ def main(argv=None):
     parser.add_argument("--max_train_steps", type=int, default=900)
     parser.add_argument("--seed", type=int, default=0)
     options = parser.parse_args(argv)
+    reuse_freed_cpu_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
 

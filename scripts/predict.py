@@ -50,6 +50,7 @@ from transformers.image_transforms import convert_to_rgb
 
 # Importing pcaa_hf registers PCAA with the Auto classes.
 from pcaa_hf.argument_types import positive_int
+from pcaa_hf.cpu_memory import reuse_freed_cpu_memory
 from pcaa_hf.image_processing_pcaa import open_image, to_eight_bit
 from pcaa_hf.inference import MODES, SegmentationInference
 from pcaa_hf.visualisation import colourise, heatmap_overlay, overlay, palette_for, partial_class_activations
@@ -335,6 +336,7 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    reuse_freed_cpu_memory()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(args)

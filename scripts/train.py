@@ -28,6 +28,7 @@ import sys
 from huggingface_hub.errors import StrictDataclassError
 
 from pcaa_hf.argument_types import region_grid
+from pcaa_hf.cpu_memory import reuse_freed_cpu_memory
 from pcaa_hf.inference import MODES
 from pcaa_hf.publishing import HubPublisher
 from pcaa_hf.training import DATASET_TYPES, Trainer, TrainingArguments
@@ -117,6 +118,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     parser, namespace = parse_args(argv)
+    reuse_freed_cpu_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args = TrainingArguments(**vars(namespace))
