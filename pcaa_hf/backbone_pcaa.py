@@ -41,7 +41,7 @@ def statistics_preserving_recomputation(module: nn.Module):
     return nullcontext(), preserved_running_statistics(module)
 
 
-def memory_format(tensor: torch.Tensor) -> torch.memory_format:
+def memory_layout(tensor: torch.Tensor) -> torch.memory_format:
     channels_last = not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if channels_last else torch.contiguous_format
 
@@ -57,7 +57,7 @@ def to_phases(hidden_state: torch.Tensor, phases: int) -> torch.Tensor:
     batch, channels, height, width = hidden_state.shape
     shape = (phases * phases * batch, channels, height // phases, width // phases)
     phased = torch.empty(shape, dtype=hidden_state.dtype, device=hidden_state.device,
-                         memory_format=memory_format(hidden_state))
+                         memory_format=memory_layout(hidden_state))
     grid = hidden_state.unflatten(3, (width // phases, phases)).unflatten(2, (height // phases, phases))
     phased.unflatten(0, (phases, phases, batch)).copy_(grid.permute(3, 5, 0, 1, 2, 4))
     return phased
@@ -69,7 +69,7 @@ def from_phases(phased: torch.Tensor, phases: int) -> torch.Tensor:
         return phased
     batch, channels, height, width = phased.shape[0] // (phases * phases), *phased.shape[1:]
     shape = (batch, channels, height * phases, width * phases)
-    hidden_state = torch.empty(shape, dtype=phased.dtype, device=phased.device, memory_format=memory_format(phased))
+    hidden_state = torch.empty(shape, dtype=phased.dtype, device=phased.device, memory_format=memory_layout(phased))
     grid = hidden_state.unflatten(3, (width, phases)).unflatten(2, (height, phases))
     grid.copy_(phased.unflatten(0, (phases, phases, batch)).permute(2, 3, 4, 0, 5, 1))
     return hidden_state
@@ -92,24 +92,41 @@ class PCAAConvNormAct(nn.Sequential):
         self.norm = nn.BatchNorm2d(out_channels)
         self.activation = nn.ReLU(inplace=True) if activation else nn.Identity()
 
+    @property
+    def is_plain(self):
+        """
+        Whether its conv and norm are torch's layers, neither wrapped nor hooked (as by LoRA, fake quantisation or an
+        offloading hook): only then may `forward` run the conv as a function, with another dilation or BatchNorm
+        folded in, without skipping what a wrapper or hook does.
+        """
+        layers = (self.conv, self.norm)
+        hooked = any(layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+                     or layer._backward_pre_hooks for layer in layers)
+        return type(self.conv) is nn.Conv2d and is_batch_norm(self.norm) and not hooked
+
     def forward(self, hidden_state, phases=1):
         """
         `phases` > 1: `hidden_state` is `to_phases(x, phases)` of a map x. A conv dilated by d on x is then the same
-        conv dilated by d / phases on each phase.
+        conv dilated by d / phases on each phase (plain layers only, see `is_plain`). In inference, BatchNorm runs
+        inside the conv.
         """
+        if not self.is_plain:
+            return self.activation(self.norm(self.conv(hidden_state)))
         conv, norm = self.conv, self.norm
         weight, bias = conv.weight, conv.bias
-        folded = not norm.training and norm.running_mean is not None
+        folded = not norm.training and norm.running_mean is not None and norm.affine
         if folded:
             # Normalising with running statistics is a per-channel affine map: folded into the conv's weights and bias
             # (anew at every call, so it always reflects the current parameters), it spares a pass over the output.
-            scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-            shift = norm.bias - norm.running_mean * scale
-            bias = shift if bias is None else torch.addcmul(shift, bias, scale)
-            weight = weight * scale.view(-1, 1, 1, 1)
+            # In float32 at least (a bfloat16 model is rounded once, at the end).
+            dtype = torch.promote_types(weight.dtype, torch.float32)
+            scale = norm.weight.to(dtype) * torch.rsqrt(norm.running_var.to(dtype) + norm.eps)
+            shift = norm.bias.to(dtype) - norm.running_mean.to(dtype) * scale
+            bias = (shift if bias is None else torch.addcmul(shift, bias.to(dtype), scale)).to(weight.dtype)
+            weight = (weight.to(dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
         dilation = tuple(rate // phases for rate in conv.dilation)
         padding = tuple(rate * (size // 2) for rate, size in zip(dilation, conv.kernel_size))
-        hidden_state = F.conv2d(hidden_state, weight, bias, conv.stride, padding, dilation)
+        hidden_state = F.conv2d(hidden_state, weight, bias, conv.stride, padding, dilation, conv.groups)
         return self.activation(hidden_state if folded else norm(hidden_state))
 
 
@@ -164,10 +181,11 @@ class PCAABottleneck(PCAAResidualBlock):
 
 class PCAAResNetStage(nn.Sequential):
     """
-    The residual blocks of one stage. A dilated stage runs on the phase decomposition of its input (`to_phases`), by
-    the largest factor dividing every dilation of its convs and the map's height and width: there its convs are
-    dilated less (R50/R101 at output stride 8: stage 3 not at all), the same computation, which oneDNN runs up to
-    a third faster where the dilated kernels are slow (docs/benchmarks.md). Input and output (B, C, H, W).
+    The residual blocks of one stage. On CPUs a dilated stage runs on the phase decomposition of its input
+    (`to_phases`), by the largest factor dividing every dilation of its convs and the map's height and width: there
+    its convs are dilated less (R50/R101 at output stride 8: stage 3 not at all), the same computation, which oneDNN
+    runs up to a third faster where its dilated kernels are slow (docs/benchmarks.md; not measured on GPUs yet, which
+    keep the dilated convs). Input and output (B, C, H, W).
     """
 
     def __init__(self, *blocks):
@@ -178,7 +196,9 @@ class PCAAResNetStage(nn.Sequential):
         self.phases = 1 if strided else math.gcd(*dilations)
 
     def forward(self, hidden_state):
-        phases = math.gcd(self.phases, *hidden_state.shape[2:])
+        phases = math.gcd(self.phases, *hidden_state.shape[2:]) if hidden_state.device.type == "cpu" else 1
+        if phases > 1 and not all(layer.is_plain for layer in self.modules() if isinstance(layer, PCAAConvNormAct)):
+            phases = 1
         hidden_state = to_phases(hidden_state, phases)
         for block in self:
             hidden_state = block(hidden_state, phases)

@@ -11,7 +11,7 @@ state, activations).
 import gc
 import itertools
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -83,7 +83,7 @@ def matmul_throughput(device, dtype, max_call_seconds=2.0, block_seconds=0.25):
     "size": where, "by_kernel": {kernel: {size: FLOP/s}}}.
     """
     by_kernel = {}
-    for kernel in MATMUL_KERNELS[device.type]:
+    for kernel in MATMUL_KERNELS.get(device.type, ("mm",)):
         by_size = by_kernel[kernel] = {}
         size = 256
         while size <= 16384:
@@ -96,18 +96,25 @@ def matmul_throughput(device, dtype, max_call_seconds=2.0, block_seconds=0.25):
     return {"flop_per_second": by_kernel[kernel][size], "kernel": kernel, "size": size, "by_kernel": by_kernel}
 
 
+@contextmanager
+def matmul_precision(limit):
+    """float32 matrix products in TF32 while measuring the "tfloat32" limit (NVIDIA GPUs), as they are by default."""
+    previous = torch.backends.cuda.matmul.fp32_precision
+    if limit == "tfloat32":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+
+
 def machine_limits(device, dtypes):
     """Matmul throughput for each dtype name (and TF32, the format of float32 convolutions, on NVIDIA GPUs)."""
+    names = list(dtypes) + (["tfloat32"] if device.type == "cuda" and "float32" in dtypes else [])
     limits = {}
-    for name in dtypes:
-        limits[name] = matmul_throughput(device, DTYPES[name])
-    if device.type == "cuda" and "float32" in dtypes:
-        previous = torch.backends.cuda.matmul.fp32_precision
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        try:
-            limits["tfloat32"] = matmul_throughput(device, torch.float32)
-        finally:
-            torch.backends.cuda.matmul.fp32_precision = previous
+    for name in names:
+        with matmul_precision(name):
+            limits[name] = matmul_throughput(device, DTYPES.get(name, torch.float32))
     return limits
 
 
@@ -286,7 +293,8 @@ def benchmark_model_case(case, device, limits, calls=3, num_labels=19, builders=
     fastest = limits.get(limit_key)  # the kernel and size of the fastest product
 
     def limit_now():
-        return matmul_flop_per_second(device, DTYPES[case.dtype], fastest["size"], fastest["kernel"], blocks=1)[0]
+        with matmul_precision(limit_key):
+            return matmul_flop_per_second(device, DTYPES[case.dtype], fastest["size"], fastest["kernel"], blocks=1)[0]
 
     limit_before = limit_now() if fastest else None
     for _ in range(calls):

@@ -258,7 +258,8 @@ class PCAAPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     accepts_loss_kwargs = False
-    _no_split_modules = ["PCAABottleneck", "PCAABasicBlock", "PCAAModule"]
+    # PCAAConvNormAct: its conv and norm may run as one function (BatchNorm folded in), so never on two devices.
+    _no_split_modules = ["PCAABottleneck", "PCAABasicBlock", "PCAAModule", "PCAAConvNormAct"]
 
     @torch.no_grad()
     def _init_weights(self, module):

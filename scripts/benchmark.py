@@ -103,8 +103,8 @@ def limit_section(device, dtypes):
     for name, limit in limits.items():
         kernels = ", ".join(f"{kernel} {max(by_size.values()) / 1e12:.3f}"
                             for kernel, by_size in limit["by_kernel"].items())
-        print(f"  {name:<10}{limit['flop_per_second'] / 1e12:>9.3f} TFLOP/s  ({limit['kernel']} at size {limit['size']}; "
-              f"best of each kernel: {kernels})")
+        print(f"  {name:<10}{limit['flop_per_second'] / 1e12:>9.3f} TFLOP/s  ({limit['kernel']} at size "
+              f"{limit['size']}; best of each kernel: {kernels})")
     return limits
 
 

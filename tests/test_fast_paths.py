@@ -125,6 +125,32 @@ def test_phase_decomposition_computes_what_the_dilated_convolutions_do(size, dil
         torch.testing.assert_close(buffer, dilated_buffers[name], rtol=1e-12, atol=1e-12)
 
 
+def test_wrapped_or_hooked_layers_run_as_modules():
+    """A hook or a wrapper (LoRA, fake quantisation) on a conv is honoured: its stage runs without phases, and its
+    layer without folding."""
+
+    class Doubled(torch.nn.Conv2d):
+        def forward(self, hidden_state):
+            return 2 * super().forward(hidden_state)
+
+    model = randomise_weights(PCAAForSemanticSegmentation(small_config(backbone_depth=50))).to(torch.float64).eval()
+    expected = copy.deepcopy(model)
+    layer = model.backbone.stages[2][1].conv2
+    doubled = Doubled(256, 256, 3, padding=2, dilation=2, bias=False).to(torch.float64)
+    doubled.load_state_dict(layer.conv.state_dict())
+    layer.conv = doubled
+    with torch.no_grad():
+        expected.backbone.stages[2][1].conv2.conv.weight.mul_(2)
+    calls = []
+    model.backbone.stages[3][0].conv2.conv.register_forward_hook(lambda module, inputs, output: calls.append(1))
+    pixel_values = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with OperatorCounter() as counter:
+        logits = model(pixel_values).logits
+    assert calls == [1]
+    assert {(2, 2), (4, 4)} <= counter.dilations  # stages 3 and 4 kept their dilated convs
+    torch.testing.assert_close(logits, expected(pixel_values).logits, rtol=1e-10, atol=1e-10)
+
+
 def test_inference_folds_batch_norm_into_the_convolution_with_the_current_parameters():
     layer = randomise_weights(PCAAConvNormAct(4, 6, 3, dilation=2)).to(torch.float64)
     pixels = torch.randn(2, 4, 10, 10, dtype=torch.float64, requires_grad=True)
@@ -149,6 +175,10 @@ def test_inference_folds_batch_norm_into_the_convolution_with_the_current_parame
         layer.conv.weight.mul_(-1.5)
         layer.norm.running_mean.add_(0.5)
         layer.norm.weight.mul_(2.0)
+    torch.testing.assert_close(layer(pixels), conv_then_norm(), rtol=1e-12, atol=1e-12)
+    # Without an affine map, BatchNorm normalises as a module of its own.
+    layer.norm = torch.nn.BatchNorm2d(6, affine=False).to(torch.float64).eval()
+    layer.norm.running_var.fill_(2.0)
     torch.testing.assert_close(layer(pixels), conv_then_norm(), rtol=1e-12, atol=1e-12)
 
 

@@ -63,8 +63,9 @@ def test_a_few_training_steps_lower_the_loss():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_activation_checkpointing_gives_the_same_gradients_and_statistics():
-    config = small_config(cam_dropout=0.0)
+@pytest.mark.parametrize("depth", [18, 50])  # R50 at 64x64: stages 3 and 4 on 2x2 and 4x4 phases
+def test_activation_checkpointing_gives_the_same_gradients_and_statistics(depth):
+    config = small_config(cam_dropout=0.0, backbone_depth=depth)
     plain = randomise_weights(PCAAForSemanticSegmentation(config)).train()
     checkpointed = randomise_weights(PCAAForSemanticSegmentation(config)).train()
     checkpointed.activation_checkpointing_enable()
