@@ -9,7 +9,9 @@ max |theirs|) of the logits, the region class scores and each loss term, and exi
 
 Both models run in float64 by default: the randomised networks amplify float32 rounding differences (pcaa_hf runs
 CPU inference channels-last, where oneDNN sums in another order) by orders of magnitude, while in float64 any
-difference in the functions computed stands out above 1e-10. `--dtype float32` shows the float32 figures.
+difference in the functions computed stands out above 1e-10. `--dtype float32` runs both in float32 and also the
+authors' model in float64, and compares the rounding error each code makes against that reference: ours passes when
+its error is at most --rounding-ratio times theirs.
 """
 
 import argparse
@@ -74,57 +76,81 @@ def relative_error(ours, theirs):
     return ((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max().clamp(min=1e-12)).item()
 
 
+def authors_outputs(theirs, pixel_values, labels, num_labels):
+    """{name: tensor} of the authors' model: logits, region class scores, loss terms."""
+    labels_onehot = torch.stack([(labels == k) for k in range(num_labels)], dim=1).to(pixel_values.dtype)
+    with torch.no_grad():
+        logits, scores = theirs(pixel_values)
+        losses = theirs(pixel_values, labels, labels_onehot)
+    outputs = {"logits": logits}
+    outputs.update({f"region_class_scores[{i}]": score for i, score in enumerate(scores)})
+    outputs.update(segmentation_loss=losses["seg_loss"], auxiliary_loss=losses["aux_loss"],
+                   region_loss=losses["cls_loss"], loss=losses["total_loss"])
+    return outputs
+
+
+def our_outputs(ours, pixel_values, labels):
+    """The same outputs of ours, under the same names."""
+    with torch.no_grad():
+        output = ours(pixel_values, labels=labels)
+    outputs = {"logits": output.logits}
+    outputs.update({f"region_class_scores[{i}]": score for i, score in enumerate(output.region_class_scores)})
+    outputs.update(segmentation_loss=output.segmentation_loss, auxiliary_loss=output.auxiliary_loss,
+                   region_loss=output.region_loss, loss=output.loss)
+    return outputs
+
+
 def compare(caanet, criterion_module, name, settings, workdir, seed, dtype):
+    """
+    Rows (name, error of ours against theirs, max |theirs|, ours' and theirs' error against the authors' model in
+    float64); the last two only below float64 (else None): the rounding error each code makes.
+    """
     generator = torch.Generator().manual_seed(seed)
     criterion = criterion_module.JointClsLoss(ignore_index=255, bins=settings["bins"], ohem=settings["ohem"])
     theirs = caanet.Seg_Model(num_classes=settings["num_labels"], criterion=criterion, backbone=settings["backbone"],
                               multi_grid=settings["multi_grid"], bins=settings["bins"], aux_loss=True,
                               dropout=settings["dropout"])
     randomise(theirs, generator)
-
     checkpoint = Path(workdir) / f"{name}.pth"
     torch.save({f"module.{key}": value for key, value in theirs.state_dict().items()}, checkpoint)
     ours = convert_original_checkpoint(checkpoint, Path(workdir) / name, settings["backbone"], settings["num_labels"],
                                        settings["bins"], multi_grid=settings["multi_grid"],
                                        dropout=settings["dropout"])
     ours.config.use_ohem = settings["ohem"]
-    theirs.to(dtype)
-    ours.to(dtype)
-
-    pixel_values = torch.randn(2, 3, *settings["size"], generator=generator).to(dtype)
+    pixel_values = torch.randn(2, 3, *settings["size"], generator=generator)
     labels = random_label_map(2, settings["size"], settings["num_labels"], generator)
-    labels_onehot = torch.stack([(labels == k) for k in range(settings["num_labels"])], dim=1).to(dtype)
-    with torch.no_grad():
-        their_logits, their_scores = theirs(pixel_values)
-        their_losses = theirs(pixel_values, labels, labels_onehot)
-        outputs = ours(pixel_values, labels=labels)
-
-    rows = [("logits", outputs.logits, their_logits)]
-    rows += [(f"region_class_scores[{i}]", ours_s, theirs_s)
-             for i, (ours_s, theirs_s) in enumerate(zip(outputs.region_class_scores, their_scores))]
-    rows += [("segmentation_loss", outputs.segmentation_loss, their_losses["seg_loss"]),
-             ("auxiliary_loss", outputs.auxiliary_loss, their_losses["aux_loss"]),
-             ("region_loss", outputs.region_loss, their_losses["cls_loss"]),
-             ("loss", outputs.loss, their_losses["total_loss"])]
-    return [(label, relative_error(a, b), b.abs().max().item()) for label, a, b in rows]
+    reference = None
+    if dtype != torch.float64:
+        reference = authors_outputs(theirs.to(torch.float64), pixel_values.to(torch.float64), labels,
+                                    settings["num_labels"])
+    their_values = authors_outputs(theirs.to(dtype), pixel_values.to(dtype), labels, settings["num_labels"])
+    our_values = our_outputs(ours.to(dtype), pixel_values.to(dtype), labels)
+    rows = []
+    for label, their_value in their_values.items():
+        our_value = our_values[label]
+        rounding = (None, None) if reference is None else (
+            relative_error(our_value, reference[label]), relative_error(their_value, reference[label]))
+        rows.append((label, relative_error(our_value, their_value), their_value.abs().max().item(), *rounding))
+    return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--original", required=True, type=Path, help="checkout of GitHub lsa1997/PCAA")
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGURATIONS), default=sorted(CONFIGURATIONS))
-    parser.add_argument("--tolerance", type=float,
-                        help="largest relative error accepted (default: 1e-6 in float64, 1e-2 in float32)")
+    parser.add_argument("--tolerance", type=float, default=1e-6,
+                        help="float64: largest relative error accepted (default: 1e-6)")
+    # These randomised networks amplify rounding (errors of 1e-1 of the largest logit in float32), and by how much
+    # varies 2x and more with the order of summation alone: a ratio, not a bound, with room for that.
+    parser.add_argument("--rounding-ratio", type=float, default=4.0,
+                        help="float32: largest ratio of our rounding error to the authors' (default: 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="precision of both models")
     args = parser.parse_args(argv)
-    if args.tolerance is None:
-        args.tolerance = 1e-6 if args.dtype == "float64" else 1e-2
     if not (args.original / "networks" / "caanet.py").is_file():
         parser.error(f"{args.original} is not a checkout of lsa1997/PCAA (networks/caanet.py is missing)")
-
     caanet, criterion_module = import_original(args.original)
-    worst = 0.0
+    failures = []
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.configs:
             settings = CONFIGURATIONS[name]
@@ -132,12 +158,23 @@ def main(argv=None):
                   f"multi-grid {settings['multi_grid']}, dropout {settings['dropout']}, OHEM {settings['ohem']}, "
                   f"input 2x3x{settings['size'][0]}x{settings['size'][1]}, {args.dtype}")
             rows = compare(caanet, criterion_module, name, settings, workdir, args.seed, getattr(torch, args.dtype))
-            for label, error, scale in rows:
-                worst = max(worst, error)
-                print(f"  {label:24s} relative error {error:.2e}   (max |theirs| {scale:.4g})")
-    verdict = "PASS" if worst <= args.tolerance else "FAIL"
-    print(f"{verdict}: largest relative error {worst:.2e} (tolerance {args.tolerance:.0e})")
-    return 0 if worst <= args.tolerance else 1
+            for label, error, scale, our_rounding, their_rounding in rows:
+                line = f"  {label:24s} relative error {error:.2e}   (max |theirs| {scale:.4g})"
+                if our_rounding is None:
+                    failed = error > args.tolerance
+                else:
+                    # Outputs that both round exactly (a loss of constant inputs) get a floor, not a ratio of zeros.
+                    failed = our_rounding > args.rounding_ratio * their_rounding + 1e-6
+                    line += f"   against float64: ours {our_rounding:.2e}, theirs {their_rounding:.2e}"
+                print(line)
+                if failed:
+                    failures.append(f"{name} {label}")
+    if args.dtype == "float64":
+        criterion = f"relative error at most {args.tolerance:.0e}"
+    else:
+        criterion = f"our rounding error at most {args.rounding_ratio:g}x the authors' (+1e-6)"
+    print(f"{'FAIL' if failures else 'PASS'}: {criterion}" + (f"; failed: {', '.join(failures)}" if failures else ""))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
