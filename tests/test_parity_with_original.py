@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 ORIGINAL = os.environ.get("PCAA_ORIGINAL_REPO")
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_with_original.py"
 
 
 @pytest.mark.skipif(not ORIGINAL, reason="set PCAA_ORIGINAL_REPO to a checkout of lsa1997/PCAA")
 def test_logits_region_scores_and_losses_match_the_authors_code():
-    script = Path(__file__).resolve().parents[1] / "scripts" / "compare_with_original.py"
-    result = subprocess.run([sys.executable, str(script), "--original", ORIGINAL, "--tolerance", "1e-6"],
+    result = subprocess.run([sys.executable, str(SCRIPT), "--original", ORIGINAL, "--tolerance", "1e-6"],
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS" in result.stdout
@@ -25,8 +25,7 @@ def test_logits_region_scores_and_losses_match_the_authors_code():
 
 @pytest.mark.skipif(not ORIGINAL, reason="set PCAA_ORIGINAL_REPO to a checkout of lsa1997/PCAA")
 def test_float32_rounding_error_is_no_worse_than_the_authors():
-    script = Path(__file__).resolve().parents[1] / "scripts" / "compare_with_original.py"
-    result = subprocess.run([sys.executable, str(script), "--original", ORIGINAL, "--dtype", "float32",
+    result = subprocess.run([sys.executable, str(SCRIPT), "--original", ORIGINAL, "--dtype", "float32",
                              "--configs", "r50-cityscapes"], capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "against float64: ours" in result.stdout and "PASS" in result.stdout
