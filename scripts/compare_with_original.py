@@ -78,28 +78,31 @@ def relative_error(ours, theirs):
     return ((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max().clamp(min=1e-12)).item()
 
 
+def named_outputs(logits, region_class_scores, segmentation_loss, auxiliary_loss, region_loss, loss):
+    """{name: tensor}, one naming for both codes' outputs."""
+    outputs = {"logits": logits}
+    outputs.update({f"region_class_scores[{i}]": score for i, score in enumerate(region_class_scores)})
+    outputs.update(segmentation_loss=segmentation_loss, auxiliary_loss=auxiliary_loss, region_loss=region_loss,
+                   loss=loss)
+    return outputs
+
+
 def authors_outputs(theirs, pixel_values, labels, num_labels):
-    """{name: tensor} of the authors' model: logits, region class scores, loss terms."""
+    """`named_outputs` of the authors' model: logits, region class scores, loss terms."""
     labels_onehot = torch.stack([(labels == k) for k in range(num_labels)], dim=1).to(pixel_values.dtype)
     with torch.no_grad():
         logits, scores = theirs(pixel_values)
         losses = theirs(pixel_values, labels, labels_onehot)
-    outputs = {"logits": logits}
-    outputs.update({f"region_class_scores[{i}]": score for i, score in enumerate(scores)})
-    outputs.update(segmentation_loss=losses["seg_loss"], auxiliary_loss=losses["aux_loss"],
-                   region_loss=losses["cls_loss"], loss=losses["total_loss"])
-    return outputs
+    return named_outputs(logits, scores, losses["seg_loss"], losses["aux_loss"], losses["cls_loss"],
+                         losses["total_loss"])
 
 
 def our_outputs(ours, pixel_values, labels):
-    """The same outputs of ours, under the same names."""
+    """`named_outputs` of ours."""
     with torch.no_grad():
         output = ours(pixel_values, labels=labels)
-    outputs = {"logits": output.logits}
-    outputs.update({f"region_class_scores[{i}]": score for i, score in enumerate(output.region_class_scores)})
-    outputs.update(segmentation_loss=output.segmentation_loss, auxiliary_loss=output.auxiliary_loss,
-                   region_loss=output.region_loss, loss=output.loss)
-    return outputs
+    return named_outputs(output.logits, output.region_class_scores, output.segmentation_loss, output.auxiliary_loss,
+                         output.region_loss, output.loss)
 
 
 def compare(caanet, criterion_module, name, settings, workdir, seed, dtype):
