@@ -16,7 +16,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils import logging as transformers_logging
 
-from .backbone_pcaa import PCAAConvNormAct, PCAAResNetBackbone, is_batch_norm, statistics_preserving_recomputation
+from .backbone_pcaa import (
+    PCAAConvNormAct,
+    PCAAResNetBackbone,
+    is_batch_norm,
+    standard_layout,
+    statistics_preserving_recomputation,
+)
 from .configuration_pcaa import PCAAConfig
 from .loss_pcaa import pcaa_loss
 
@@ -351,14 +357,18 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
                 "do not; pcaa_hf.PCAASegmentationPipeline does)."
             )
 
-        if self.config.backbone_config is None and not self.training and pixel_values.device.type == "cpu":
-            # oneDNN convolves channels-last activations without reordering every layer's input and output: about 5 %
-            # faster inference on CPUs (in training, the backward pass is faster in the standard layout).
+        channels_last = self.config.backbone_config is None and not self.training and pixel_values.device.type == "cpu"
+        if channels_last:
+            # oneDNN convolves channels-last activations without reordering every layer's input and output: the
+            # backbone's inference is faster so on CPUs (in training, the backward pass is faster in the standard
+            # layout). Not the decode head's: its wide 3x3 convs (2048 and 2560 input channels) run 6 - 11 % faster in the
+            # standard layout (docs/benchmarks.md).
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         hidden_states = self.backbone(pixel_values)
         if self.config.backbone_config is not None:
             hidden_states = hidden_states.feature_maps
-        logits, region_class_scores = self.decode_head(hidden_states[-1])
+        features = standard_layout(hidden_states[-1]) if channels_last else hidden_states[-1]
+        logits, region_class_scores = self.decode_head(features)
         # Callers get standard tensors whatever the layout inside.
         logits = logits.contiguous()
         region_class_scores = tuple(scores.contiguous() for scores in region_class_scores)

@@ -1,7 +1,7 @@
-"""The fast paths: channels-last activations for CPU inference only, standard tensors out; gradients still reach
-the input of a frozen eval-mode model; dilated stages on phase decompositions and BatchNorm folded into the
-convolutions in inference, each computing what the plain layers compute; and the model's operator count does not grow
-with classes, regions or pixels (no Python loops over them)."""
+"""The fast paths: channels-last activations in the backbone for CPU inference only, the decode head and the
+outputs in the standard layout; gradients still reach the input of a frozen eval-mode model; dilated stages on phase
+decompositions and BatchNorm folded into the convolutions in inference, each computing what the plain layers compute;
+and the model's operator count does not grow with classes, regions or pixels (no Python loops over them)."""
 
 import copy
 from collections import Counter
@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pcaa_hf import PCAAForSemanticSegmentation
-from pcaa_hf.backbone_pcaa import PCAAConvNormAct, from_phases, to_phases
+from pcaa_hf.backbone_pcaa import PCAAConvNormAct, from_phases, standard_layout, to_phases
 
 from pcaa_testing import randomise_weights, small_config
 
@@ -33,16 +33,20 @@ def test_input_gradients_through_a_frozen_model_after_inference():
     assert pixel_values.grad.abs().sum() > 0
 
 
-def test_cpu_inference_runs_channels_last_and_training_does_not():
+def test_cpu_inference_runs_the_backbone_channels_last_and_training_does_not():
     model = eval_model(torch.float32)
     layouts = []
     model.backbone.stem.register_forward_pre_hook(
         lambda module, inputs: layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
+    head_inputs_contiguous = []
+    model.decode_head.register_forward_pre_hook(
+        lambda module, inputs: head_inputs_contiguous.append(inputs[0].is_contiguous()))
     pixel_values = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         outputs = model(pixel_values, labels=torch.randint(0, 5, (2, 64, 64)))
         reference = model.decode_head(model.backbone(pixel_values)[-1])[0]  # the standard layout throughout
     assert layouts == [True, False]
+    assert head_inputs_contiguous == [True, True]  # the decode head runs in the standard layout either way
     torch.testing.assert_close(outputs.logits, reference, rtol=1e-5, atol=1e-5)
     # Whatever the layout inside, callers get standard tensors.
     assert outputs.logits.is_contiguous() and outputs.auxiliary_logits.is_contiguous()
@@ -65,6 +69,19 @@ class OperatorCounter(TorchDispatchMode):
         if func is torch.ops.aten.convolution.default and args[1].shape[-1] > 1:
             self.dilations.add(tuple(args[5]))
         return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape", [(2, 70, 8, 9), (1, 3, 1, 1), (3, 1, 5, 4)])
+def test_standard_layout_copies_any_layout_into_a_contiguous_map(shape, memory_format):
+    hidden_state = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=memory_format)
+    hidden_state.requires_grad_(True)
+    standard = standard_layout(hidden_state)
+    assert standard.is_contiguous() and torch.equal(standard, hidden_state)
+    (standard * torch.arange(standard.numel(), dtype=torch.float64).view(shape)).sum().backward()
+    assert torch.equal(hidden_state.grad, torch.arange(standard.numel(), dtype=torch.float64).view(shape))
+    transposed = torch.randn(shape[::-1]).transpose(0, 3)  # neither layout
+    assert torch.equal(standard_layout(transposed), transposed) and standard_layout(transposed).is_contiguous()
 
 
 @pytest.mark.parametrize("phases", [2, 4])
