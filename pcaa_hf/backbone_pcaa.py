@@ -139,6 +139,10 @@ class PCAAConvNormAct(nn.Sequential):
             shift = norm.bias.to(dtype) - norm.running_mean.to(dtype) * scale
             bias = (shift if bias is None else torch.addcmul(shift, bias.to(dtype), scale)).to(weight.dtype)
             weight = (weight.to(dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
+        if hidden_state.device.type == "cpu" and hidden_state.is_contiguous():
+            # oneDNN convolves in the channels-last layout whenever the weight is in it: a standard-layout input (the
+            # decode head's in inference, faster so) keeps its layout only with a standard-layout weight.
+            weight = weight.contiguous()
         dilation = tuple(rate // phases for rate in conv.dilation)
         padding = tuple(rate * (size // 2) for rate, size in zip(dilation, conv.kernel_size))
         hidden_state = F.conv2d(hidden_state, weight, bias, conv.stride, padding, dilation, conv.groups)

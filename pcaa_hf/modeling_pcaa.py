@@ -367,14 +367,18 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
         hidden_states = self.backbone(pixel_values)
         if self.config.backbone_config is not None:
             hidden_states = hidden_states.feature_maps
-        features = standard_layout(hidden_states[-1]) if channels_last else hidden_states[-1]
-        logits, region_class_scores = self.decode_head(features)
+        auxiliary = self.auxiliary_head is not None and (self.training or labels is not None)
+        if not output_hidden_states:
+            # Only the maps that the heads read stay alive: the others are freed before the decode head runs.
+            hidden_states = hidden_states[-2:] if auxiliary else hidden_states[-1:]
+        if channels_last:
+            # Replaced, not kept beside: the channels-last map is freed before the head's largest activations.
+            hidden_states = hidden_states[:-1] + (standard_layout(hidden_states[-1]),)
+        logits, region_class_scores = self.decode_head(hidden_states[-1])
         # Callers get standard tensors whatever the layout inside.
         logits = logits.contiguous()
         region_class_scores = tuple(scores.contiguous() for scores in region_class_scores)
-        auxiliary_logits = None
-        if self.auxiliary_head is not None and (self.training or labels is not None):
-            auxiliary_logits = self.auxiliary_head(hidden_states[-2]).contiguous()
+        auxiliary_logits = self.auxiliary_head(hidden_states[-2]).contiguous() if auxiliary else None
 
         losses = {}
         if labels is not None:

@@ -4,6 +4,7 @@ decompositions and BatchNorm folded into the convolutions in inference, each com
 and the model's operator count does not grow with classes, regions or pixels (no Python loops over them)."""
 
 import copy
+import weakref
 from collections import Counter
 
 import pytest
@@ -54,6 +55,42 @@ def test_cpu_inference_runs_the_backbone_channels_last_and_training_does_not():
     model.train()
     model(pixel_values)
     assert layouts == [True, False, False]
+
+
+def test_cpu_inference_runs_the_decode_head_in_the_standard_layout_with_channels_last_weights():
+    model = eval_model(torch.float32).to(memory_format=torch.channels_last)
+    layouts = {}
+
+    def record_layout(name):
+        def hook(module, inputs, output):
+            layouts.setdefault(name, output.is_contiguous())
+        return hook
+
+    for name in ("backbone.stem.0", "decode_head.pre", "decode_head.fuse"):
+        model.get_submodule(name).register_forward_hook(record_layout(name))
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits = model(pixel_values).logits
+        reference = eval_model(torch.float32)(pixel_values).logits
+    assert layouts == {"backbone.stem.0": False, "decode_head.pre": True, "decode_head.fuse": True}
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("output_hidden_states, labels", [(False, False), (False, True), (True, False)])
+def test_inference_frees_the_backbone_maps_that_no_head_reads(output_hidden_states, labels):
+    model = eval_model(torch.float32)
+    maps, alive_in_head = [], []
+    model.backbone.register_forward_hook(lambda module, inputs, outputs: maps.extend(map(weakref.ref, outputs)))
+    model.decode_head.register_forward_pre_hook(
+        lambda module, inputs: alive_in_head.extend(ref() is not None for ref in maps))
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        outputs = model(pixel_values, labels=torch.randint(0, 5, (2, 64, 64)) if labels else None,
+                        output_hidden_states=output_hidden_states)
+    # The stem and stages 1-3, then stage 4 (replaced by its standard-layout copy on CPUs); the auxiliary head
+    # reads stage 3.
+    assert alive_in_head == [output_hidden_states] * 3 + [output_hidden_states or labels, False]
+    assert (outputs.hidden_states is not None) == output_hidden_states
 
 
 class OperatorCounter(TorchDispatchMode):
