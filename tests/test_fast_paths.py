@@ -90,7 +90,14 @@ def test_inference_frees_the_backbone_maps_that_no_head_reads(output_hidden_stat
     # The stem and stages 1-3, then stage 4 (replaced by its standard-layout copy on CPUs); the auxiliary head
     # reads stage 3.
     assert alive_in_head == [output_hidden_states] * 3 + [output_hidden_states or labels, False]
-    assert (outputs.hidden_states is not None) == output_hidden_states
+    if output_hidden_states:
+        with torch.inference_mode():
+            expected = model.backbone(pixel_values)
+        assert len(outputs.hidden_states) == len(expected) == 5
+        for state, expected_state in zip(outputs.hidden_states, expected):
+            torch.testing.assert_close(state, expected_state, rtol=1e-5, atol=1e-5)
+    else:
+        assert outputs.hidden_states is None
 
 
 class OperatorCounter(TorchDispatchMode):
@@ -117,8 +124,20 @@ def test_standard_layout_copies_any_layout_into_a_contiguous_map(shape, memory_f
     assert standard.is_contiguous() and torch.equal(standard, hidden_state)
     (standard * torch.arange(standard.numel(), dtype=torch.float64).view(shape)).sum().backward()
     assert torch.equal(hidden_state.grad, torch.arange(standard.numel(), dtype=torch.float64).view(shape))
-    transposed = torch.randn(shape[::-1]).transpose(0, 3)  # neither layout
-    assert torch.equal(standard_layout(transposed), transposed) and standard_layout(transposed).is_contiguous()
+    reversed_axes = torch.randn(shape[::-1]).permute(3, 2, 1, 0)  # neither layout
+    assert torch.equal(standard_layout(reversed_axes), reversed_axes) and standard_layout(reversed_axes).is_contiguous()
+
+
+class StandardLayout(torch.nn.Module):
+    def forward(self, hidden_state):
+        return standard_layout(hidden_state)
+
+
+def test_standard_layout_exports_for_any_batch_size():
+    example = torch.randn(2, 70, 8, 9).contiguous(memory_format=torch.channels_last)
+    exported = torch.export.export(StandardLayout(), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    hidden_state = torch.randn(3, 70, 8, 9).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(exported.module()(hidden_state), hidden_state)
 
 
 @pytest.mark.parametrize("phases", [2, 4])
