@@ -661,6 +661,130 @@ def test_evaluate_module_add_batch_then_compute(evaluate_metric):
     assert_same_metrics(evaluate_metric.compute(num_labels=4, ignore_index=255), expected)
 
 
+def palette_image(class_map):
+    """A mode P image whose palette indices are the values of the uint8 `class_map`."""
+    image = Image.fromarray(class_map)
+    image.putpalette(list(range(256)) * 3)  # an L image becomes P with its pixel values as the indices
+    assert image.mode == "P"
+    return image
+
+
+# What the Hub's `mean_iou` takes as `predictions` / `references`, each made from a list of equal-size uint8 maps.
+INPUT_KINDS = {
+    "numpy int64 list": lambda maps: [class_map.astype(np.int64) for class_map in maps],
+    "numpy uint8 list": lambda maps: [class_map.astype(np.uint8) for class_map in maps],
+    "stacked numpy int64": lambda maps: np.stack(maps).astype(np.int64),
+    "stacked numpy uint8": lambda maps: np.stack(maps).astype(np.uint8),
+    "stacked tensor": lambda maps: torch.from_numpy(np.stack(maps)).long(),
+    "tensor list": lambda maps: [torch.from_numpy(class_map).long() for class_map in maps],
+    "PIL L": lambda maps: [Image.fromarray(class_map.astype(np.uint8)) for class_map in maps],
+    "PIL P": lambda maps: [palette_image(class_map.astype(np.uint8)) for class_map in maps],
+    "PIL I": lambda maps: [Image.fromarray(class_map.astype(np.int32)) for class_map in maps],
+    "nested lists": lambda maps: [class_map.tolist() for class_map in maps],
+    "stacked nested list": lambda maps: np.stack(maps).tolist(),
+}
+
+
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+def test_evaluate_module_input_kinds(evaluate_metric, kind):
+    # The stacked kinds are what the transformers example scripts pass; they used to fail with "The truth value of
+    # an array with more than one element is ambiguous".
+    convert = INPUT_KINDS[kind]
+    result = evaluate_metric.compute(predictions=convert([HAND_PREDICTION]), references=convert([HAND_REFERENCE]),
+                                     num_labels=4, ignore_index=255)
+    np.testing.assert_array_equal(result["per_category_iou"], HAND_IOU)
+    np.testing.assert_array_equal(result["per_category_accuracy"], HAND_ACCURACY)
+    assert result["overall_accuracy"] == 3 / 5
+    assert_same_metrics(result, reference_mean_iou([HAND_PREDICTION], [HAND_REFERENCE], 4, 255), num_labels=4)
+
+    rng = np.random.default_rng(13)
+    predictions, references = random_maps(rng, 19, [(8, 6)] * 3, np.uint8)
+    references[1][0, :3] = 0
+    for kwargs in [{}, {"nan_to_num": -1}, {"label_map": {1: 2, 2: 3}}, {"reduce_labels": True}]:
+        result = evaluate_metric.compute(predictions=convert(predictions), references=convert(references),
+                                         num_labels=19, ignore_index=255, **kwargs)
+        expected = reference_mean_iou(predictions, references, 19, 255, **kwargs)
+        assert_same_metrics(mean_iou(predictions, references, 19, 255, **kwargs), expected)
+        assert_same_metrics(result, expected, num_labels=19, context=f"{kind} {kwargs}")
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64])
+def test_evaluate_module_any_integer_dtype(evaluate_metric, dtype):
+    rng = np.random.default_rng([14, np.dtype(dtype).num])
+    predictions, references = random_maps(rng, 19, [(7, 5), (3, 9)], dtype, ignore_index=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate_metric.compute(predictions=predictions, references=references, num_labels=19,
+                                         ignore_index=100)
+    # The maps are stored as they are or as int32, not downcast by `datasets` with a warning.
+    assert not [warning for warning in caught if "Downcasting" in str(warning.message)]
+    assert_same_metrics(result, reference_mean_iou(predictions, references, 19, 100), num_labels=19)
+
+
+def test_evaluate_module_add_batch_of_every_kind_then_compute(evaluate_metric):
+    rng = np.random.default_rng(15)
+    all_predictions, all_references = [], []
+    for index, kind in enumerate(INPUT_KINDS):
+        size = (4 + index % 3, 9 - index % 4)  # maps of several sizes across the batches
+        predictions, references = random_maps(rng, 7, [size] * (1 + index % 2), np.uint8)
+        evaluate_metric.add_batch(predictions=INPUT_KINDS[kind](predictions),
+                                  references=INPUT_KINDS[kind](references))
+        all_predictions += predictions
+        all_references += references
+    evaluate_metric.add(prediction=torch.tensor([[6, 0]]), reference=[[6, 255]])  # evaluate's own spelling ...
+    evaluate_metric.add(predictions=np.array([[1, 2]], np.int64), references=Image.fromarray(np.uint8([[1, 1]])))
+    all_predictions += [np.array([[6, 0]]), np.array([[1, 2]])]
+    all_references += [np.array([[6, 255]]), np.array([[1, 1]])]  # ... and the plural one its examples use
+    result = evaluate_metric.compute(num_labels=7, ignore_index=255)
+    assert_same_metrics(result, reference_mean_iou(all_predictions, all_references, 7, 255), num_labels=7)
+
+
+def test_evaluate_module_as_the_transformers_example_scripts_use_it(evaluate_metric):
+    rng = np.random.default_rng(16)
+    num_labels = 5
+    logits = torch.randn(6, num_labels, 4, 5, requires_grad=True)
+    labels = torch.from_numpy(rng.integers(0, num_labels, (6, 4, 5)))
+
+    # run_semantic_segmentation_no_trainer.py: add_batch with gathered (batch, height, width) int64 tensors, labels
+    # already reduced (255 ignored), then compute(num_labels=..., ignore_index=255, reduce_labels=False).
+    references = labels.masked_fill(torch.from_numpy(rng.random((6, 4, 5)) < 0.2), 255)
+    with torch.no_grad():
+        for start in (0, 4):
+            evaluate_metric.add_batch(predictions=logits[start:start + 4].argmax(dim=1),
+                                      references=references[start:start + 4])
+    result = evaluate_metric.compute(num_labels=num_labels, ignore_index=255, reduce_labels=False)
+    expected = reference_mean_iou(list(logits.argmax(dim=1).numpy()), list(references.numpy()), num_labels, 255)
+    assert_same_metrics(result, expected, num_labels)
+
+    # run_semantic_segmentation.py's compute_metrics: one call on stacked int64 numpy arrays, with ignore_index=0
+    # and reduce_labels=image_processor.do_reduce_labels (False by default).
+    predictions = logits.detach().argmax(dim=1).numpy()
+    result = evaluate_metric.compute(predictions=predictions, references=labels.numpy(), num_labels=num_labels,
+                                     ignore_index=0, reduce_labels=False)
+    expected = reference_mean_iou(list(predictions), list(labels.numpy()), num_labels, 0)
+    assert np.isnan(expected["per_category_accuracy"][0]) and np.isfinite(expected["mean_iou"])
+    assert_same_metrics(result, expected, num_labels)
+
+
+def test_evaluate_module_refuses_what_is_no_map_naming_it(evaluate_metric):
+    good = np.zeros((2, 2), dtype=np.int64)
+    with pytest.raises(ValueError, match=r"predictions\[1\] must be a \(height, width\) map .*rows of different"):
+        evaluate_metric.compute(predictions=[good, [[0, 1], [1]]], references=[good, good], num_labels=2,
+                                ignore_index=255)
+    with pytest.raises(ValueError, match=r"references\[0\] must hold integer class ids, got non-integer"):
+        evaluate_metric.compute(predictions=[good], references=torch.full((1, 2, 2), 0.5), num_labels=2,
+                                ignore_index=255)
+    with pytest.raises(ValueError, match=r"predictions\[0\] must be a \(height, width\) map .*\(1, 2, 2\)"):
+        evaluate_metric.compute(predictions=good[None, None], references=good[None, None], num_labels=2,
+                                ignore_index=255)
+    with pytest.raises(ValueError, match=r"reference must be a \(height, width\) map .*\(2, 2, 3\)"):
+        evaluate_metric.add(prediction=good, reference=Image.new("RGB", (2, 2)))
+    # Nothing of the refused inputs was kept.
+    assert_same_metrics(evaluate_metric.compute(predictions=[good], references=[good], num_labels=2,
+                                                ignore_index=255),
+                        reference_mean_iou([good], [good], 2, 255))
+
+
 def test_evaluate_module_raises_on_out_of_range_values(evaluate_metric):
     maps = [np.zeros((2, 2), dtype=np.uint8)] * 2
     with pytest.raises(ValueError, match=r"predictions\[1\] holds values outside \[0, 2\): \[5\]"):

@@ -16,8 +16,9 @@ accuracy. Values outside [0, num_labels) (other than the ignore index in referen
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions (`list` of `ndarray`): predicted class-id maps, each (height, width).
-    references (`list` of `ndarray`): reference class-id maps, each of its prediction's shape.
+    predictions (`list` of `ndarray`): predicted class-id maps, each (height, width): numpy arrays of any integer
+        dtype, tensors, PIL images or nested lists; or one stacked (batch, height, width) array or tensor.
+    references (`list` of `ndarray`): reference class-id maps, each of its prediction's shape, in the same forms.
     num_labels (`int`): number of classes.
     ignore_index (`int`): reference value that is not scored (255 for Cityscapes and ADE20K).
     nan_to_num (`float`, *optional*): replace NaN results by this value.
@@ -43,14 +44,30 @@ _CITATION = """
 """
 
 
-def refuse_beyond_int32(class_map, name):
-    """The PNG encoding stores int32 at most and would wrap larger values silently: refuse them by name."""
-    if class_map is None:
-        return
+# The map dtypes the Image feature below stores as they are (PNG or TIFF); maps of other integer dtypes go as int32.
+STORED_DTYPES = (np.uint8, np.uint16, np.int16, np.int32)
+
+
+def storable_map(class_map, name):
+    """
+    One (height, width) class-id map, as a numpy array, tensor, PIL image or nested list, as a numpy array that the
+    Image feature stores losslessly: uint8, uint16, int16 and int32 as they are, other integer dtypes as int32. What
+    is no such map (ragged rows, fractions, another shape) or holds values beyond int32, which the encoding would wrap
+    silently, is refused with an error naming `name`.
+    """
+    if isinstance(class_map, (list, tuple)):
+        try:
+            class_map = np.asarray(class_map)
+        except ValueError:  # numpy's own message names neither the map nor the problem
+            raise ValueError(f"{name} must be a (height, width) map of class ids, got rows of different "
+                             "lengths.") from None
     class_map = integer_map(class_map, name)
-    limits = np.iinfo(np.int32)
-    if class_map.size and (class_map.min() < limits.min or class_map.max() > limits.max):
-        raise ValueError(f"{name} holds values outside the int32 range: [{class_map.min()}, {class_map.max()}].")
+    if class_map.dtype not in STORED_DTYPES:
+        limits = np.iinfo(np.int32)
+        if class_map.size and (class_map.min() < limits.min or class_map.max() > limits.max):
+            raise ValueError(f"{name} holds values outside the int32 range: [{class_map.min()}, {class_map.max()}].")
+        class_map = class_map.astype(np.int32)
+    return class_map
 
 
 class MeanIoU(evaluate.Metric):
@@ -64,17 +81,23 @@ class MeanIoU(evaluate.Metric):
         )
 
     def add_batch(self, *, predictions=None, references=None, **kwargs):
-        """Add a batch of prediction and reference maps (values beyond int32 are refused, not wrapped)."""
-        for name, maps in (("predictions", predictions), ("references", references)):
-            for index, class_map in enumerate(maps or ()):
-                refuse_beyond_int32(class_map, f"{name}[{index}]")
+        """
+        Add a batch of prediction and reference maps: each a list of maps (see `storable_map`) or one stacked
+        (batch, height, width) array or tensor.
+        """
+        predictions, references = (
+            None if maps is None else [storable_map(class_map, f"{name}[{index}]")
+                                       for index, class_map in enumerate(maps)]
+            for name, maps in (("predictions", predictions), ("references", references))
+        )
         super().add_batch(predictions=predictions, references=references, **kwargs)
 
     def add(self, *, prediction=None, reference=None, **kwargs):
-        """Add one prediction and reference map (values beyond int32 are refused, not wrapped)."""
-        refuse_beyond_int32(prediction, "prediction")
-        refuse_beyond_int32(reference, "reference")
-        super().add(prediction=prediction, reference=reference, **kwargs)
+        """Add one prediction and reference map (see `storable_map`); `evaluate` also takes them as `predictions=`."""
+        prediction = kwargs.pop("predictions", prediction)
+        reference = kwargs.pop("references", reference)
+        super().add(prediction=None if prediction is None else storable_map(prediction, "prediction"),
+                    reference=None if reference is None else storable_map(reference, "reference"), **kwargs)
 
     def _compute(self, predictions, references, num_labels, ignore_index, nan_to_num=None, label_map=None,
                  reduce_labels=False):
