@@ -36,9 +36,26 @@ def preserved_running_statistics(module: nn.Module):
                 setattr(norm, name, buffer)
 
 
-def statistics_preserving_recomputation(module: nn.Module):
-    """`context_fn` for `torch.utils.checkpoint`: plain forward, recomputation without a second statistics update."""
-    return nullcontext(), preserved_running_statistics(module)
+def checkpoint_preserving_statistics(checkpoint, module: nn.Module, function, *args, **kwargs):
+    """
+    `checkpoint(function, *args, **kwargs)` whose recomputation of `function` in the backward pass (its second call)
+    leaves `module`'s BatchNorm running statistics as the first call left them. Counting calls rather than passing a
+    `context_fn` works with `use_reentrant=True` too, which accepts none.
+    """
+    calls = 0
+
+    def run(*run_args, **run_kwargs):
+        nonlocal calls
+        calls += 1
+        with preserved_running_statistics(module) if calls > 1 else nullcontext():
+            return function(*run_args, **run_kwargs)
+
+    return checkpoint(run, *args, **kwargs)
+
+
+def is_exporting() -> bool:
+    """Whether torch.export is tracing: `torch.compiler.is_exporting()`, False on torch versions without it."""
+    return getattr(torch.compiler, "is_exporting", bool)()
 
 
 def memory_layout(tensor: torch.Tensor) -> torch.memory_format:
@@ -217,7 +234,14 @@ class PCAAResNetStage(nn.Sequential):
         self.phases = 1 if strided else math.gcd(*dilations)
 
     def forward(self, hidden_state):
-        phases = math.gcd(self.phases, *hidden_state.shape[2:]) if hidden_state.device.type == "cpu" else 1
+        sizes, phases = hidden_state.shape[2:], 1
+        # The largest divisor of self.phases that divides both sizes (their gcd), written with `%`, which
+        # torch.compile traces with symbolic sizes (guarding on divisibility) and math.gcd not (a graph break).
+        # torch.export keeps the dilated convs, the same computation: a guard would fix the sizes' divisibility.
+        exporting = is_exporting() or any(isinstance(size, torch.SymInt) for size in sizes)
+        if hidden_state.device.type == "cpu" and not exporting:
+            phases = next(p for p in range(self.phases, 0, -1)
+                          if self.phases % p == 0 and all(size % p == 0 for size in sizes))
         if phases > 1 and not all(layer.is_plain for layer in self.modules() if isinstance(layer, PCAAConvNormAct)):
             phases = 1
         hidden_state = to_phases(hidden_state, phases)

@@ -1,11 +1,17 @@
 """Configuration of PCAA (Partial Class Activation Attention, Liu et al., CVPR 2022)."""
 
 from huggingface_hub.dataclasses import strict
-from transformers import CONFIG_MAPPING, PreTrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 
 BACKBONE_DEPTHS = (18, 34, 50, 101)
 OUTPUT_STRIDES = (8, 16)
 DEFAULT_NUM_LABELS = 19
+
+
+def num_label_values(num_labels: int) -> int:
+    """How many label values a model with `num_labels` outputs scores: one output is binary segmentation (0 and 1)."""
+    return max(num_labels, 2)
 
 
 @strict
@@ -13,7 +19,8 @@ class PCAAConfig(PreTrainedConfig):
     r"""
     Configuration of [`PCAAForSemanticSegmentation`]. The defaults reproduce the paper's Cityscapes ResNet-50 model
     (dilated ResNet-50 "v1c" at output stride 8, one PCAA module with 4x4 bins, auxiliary head), with 19 generic
-    labels unless `id2label`/`label2id` or `num_labels` are given.
+    labels unless `id2label`/`label2id` or `num_labels` are given. `num_labels=1` is binary segmentation, as in
+    SegFormer: one logit per pixel, labels 0 and 1, a binary cross-entropy, class 1 where the logit is positive.
 
     Args:
         backbone_config (`PreTrainedConfig` or `dict`, *optional*):
@@ -75,6 +82,15 @@ class PCAAConfig(PreTrainedConfig):
     """
 
     model_type = "pcaa"
+    # Declared so that `attn_implementation`, `dtype` and the other shared settings reach a transformers backbone;
+    # optional because None means the paper's own backbone, not a default transformers one.
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="resnet", optional=True)
+    }
+    # transformers.Trainer hands the remaining outputs (the logits) to `compute_metrics` as its predictions.
+    keys_to_ignore_at_inference = [
+        "segmentation_loss", "auxiliary_loss", "region_loss", "auxiliary_logits", "region_class_scores"
+    ]
 
     backbone_config: dict | PreTrainedConfig | None = None
     backbone_depth: int = 50
@@ -142,12 +158,11 @@ class PCAAConfig(PreTrainedConfig):
                 raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)}.")
 
     def validate_losses(self):
-        if self.num_labels < 2:
-            raise ValueError(f"PCAA needs at least 2 labels (`num_labels`/`id2label`), got {self.num_labels}.")
-        if 0 <= self.loss_ignore_index < self.num_labels:
-            raise ValueError(
-                f"`loss_ignore_index` ({self.loss_ignore_index}) must not be a class id in [0, {self.num_labels})."
-            )
+        if self.num_labels < 1:
+            raise ValueError(f"PCAA needs at least 1 label (`num_labels`/`id2label`), got {self.num_labels}.")
+        if 0 <= self.loss_ignore_index < num_label_values(self.num_labels):
+            raise ValueError(f"`loss_ignore_index` ({self.loss_ignore_index}) must not be a label value in "
+                             f"[0, {num_label_values(self.num_labels)}).")
         for name in ("auxiliary_loss_weight", "region_loss_weight", "focal_gamma"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be non-negative, got {getattr(self, name)}.")

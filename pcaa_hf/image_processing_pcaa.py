@@ -9,6 +9,7 @@ import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
@@ -33,6 +34,13 @@ class PCAAImageProcessorKwargs(ImagesKwargs, total=False):
 
     do_reduce_labels: bool
     label_map: dict[int, int] | dict[str, int] | None
+
+
+def predicted_classes(logits: torch.Tensor, class_dim: int) -> torch.Tensor:
+    """Class ids from logits: the argmax over `class_dim`, or, for one logit (binary segmentation), 1 where positive."""
+    if logits.shape[class_dim] == 1:
+        return (logits.squeeze(class_dim) > 0).long()
+    return logits.argmax(dim=class_dim)
 
 
 def keep_ratio_size(height, width, longest_edge, shortest_edge):
@@ -243,23 +251,37 @@ class PCAAImageProcessor(PilBackend):
         label = label.astype(np.int64)
         return np.where(label == 0, 255, np.where(label == 255, 255, label - 1))
 
-    def post_process_semantic_segmentation(self, outputs, target_sizes=None) -> list[torch.Tensor]:
+    def post_process_semantic_segmentation(
+        self, outputs, target_sizes=None, return_segmentation_scores: bool = False
+    ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
         """
         Class-id maps from [`PCAAForSemanticSegmentation`] outputs: one (height, width) `torch.LongTensor` per image,
         the logits bilinearly resized (align_corners=False) to `target_sizes[i]` (height, width) when given, then
-        argmax over classes. Without `target_sizes`, the maps stay at the logits' resolution.
+        argmax over classes (with one label, binary segmentation: class 1 where its logit is positive). Without
+        `target_sizes`, the maps stay at the logits' resolution. With `return_segmentation_scores=True`, one
+        `SemanticSegmentationPostProcessorOutput` per image instead, whose `segmentation_scores` are the (resized)
+        logits, (num_labels, height, width), beside its `segmentation`.
         """
         logits = outputs.logits
         if target_sizes is not None and len(target_sizes) != logits.shape[0]:
             raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {logits.shape[0]} images.")
-        segmentations = []
+        results = []
         for index in range(logits.shape[0]):
             image_logits = logits[index : index + 1]
             if target_sizes is not None:
                 target = tuple(int(s) for s in target_sizes[index])
                 image_logits = F.interpolate(image_logits.float(), size=target, mode="bilinear", align_corners=False)
-            segmentations.append(image_logits[0].argmax(dim=0))
-        return segmentations
+            scores = image_logits[0]
+            segmentation = predicted_classes(scores, class_dim=0)
+            if return_segmentation_scores:
+                results.append(
+                    SemanticSegmentationPostProcessorOutput(
+                        data={"segmentation": segmentation, "segmentation_scores": scores}
+                    )
+                )
+            else:
+                results.append(segmentation)
+        return results
 
 
-__all__ = ["PCAAImageProcessor", "keep_ratio_size"]
+__all__ = ["PCAAImageProcessor", "keep_ratio_size", "predicted_classes"]

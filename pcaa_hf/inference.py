@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .image_processing_pcaa import predicted_classes
+
 MODES = ("whole", "slide")
 
 
@@ -133,8 +135,8 @@ class SegmentationInference:
         return total if count == 1 else total.div_(count)
 
     def predict(self, model, pixel_values, output_size=None):
-        """(B, H', W') int64 class ids: the argmax of `logits`."""
-        return self.logits(model, pixel_values, output_size).argmax(dim=1)
+        """(B, H', W') int64 class ids: the argmax of `logits` (for one logit, 1 where positive)."""
+        return predicted_classes(self.logits(model, pixel_values, output_size), class_dim=1)
 
     @staticmethod
     def whole(model, pixel_values, output_size):

@@ -12,8 +12,12 @@ def loss_dtype(tensor):
 
 
 def upsample_logits(logits, size):
-    """(B, K, h, w) -> (B, K, H, W) in `loss_dtype`, bilinear with align_corners=False."""
-    return F.interpolate(logits.to(loss_dtype(logits)), size=size, mode="bilinear", align_corners=False)
+    """
+    (B, K, h, w) -> (B, K, H, W) in `loss_dtype`, bilinear with align_corners=False. One binary logit x becomes the
+    two class logits (0, x), whose softmax is (1 - sigmoid(x), sigmoid(x)): the cross-entropy is then the binary one.
+    """
+    logits = F.interpolate(logits.to(loss_dtype(logits)), size=size, mode="bilinear", align_corners=False)
+    return torch.cat([torch.zeros_like(logits), logits], dim=1) if logits.shape[1] == 1 else logits
 
 
 def masked_mean(values, mask):
@@ -98,7 +102,10 @@ def region_focal_loss(region_scores, labels, grid, ignore_index, label_threshold
     authors' code returns NaN when a class has none).
     """
     scores = region_scores.to(loss_dtype(region_scores))
-    fractions = region_class_fractions(labels, region_scores.shape[1], grid, ignore_index, scores.dtype)
+    if scores.shape[1] == 1:  # binary segmentation: the one score is label 1's
+        fractions = region_class_fractions(labels, 2, grid, ignore_index, scores.dtype)[:, 1:]
+    else:
+        fractions = region_class_fractions(labels, scores.shape[1], grid, ignore_index, scores.dtype)
     targets = (fractions > 0).to(scores.dtype)
     valid = ~((fractions > 0) & (fractions < label_threshold))
     cross_entropy = F.binary_cross_entropy(scores, targets, reduction="none")

@@ -19,11 +19,12 @@ from transformers.utils import logging as transformers_logging
 from .backbone_pcaa import (
     PCAAConvNormAct,
     PCAAResNetBackbone,
+    checkpoint_preserving_statistics,
     is_batch_norm,
+    is_exporting,
     standard_layout,
-    statistics_preserving_recomputation,
 )
-from .configuration_pcaa import PCAAConfig
+from .configuration_pcaa import PCAAConfig, num_label_values
 from .loss_pcaa import pcaa_loss
 
 
@@ -55,7 +56,10 @@ class PCAASemanticSegmenterOutput(SemanticSegmenterOutput):
     logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height / output_stride, width / output_stride)`):
         Class scores of the decode head, at feature resolution (upsample them to the image size before argmax).
     hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-        The backbone's stem output and the outputs of its four stages (channels-last tensors in CPU inference).
+        The backbone's stem output and the outputs of its four stages (channels-last tensors in CPU inference); with a
+        transformers backbone, its own `hidden_states` (its embeddings' output and each stage's).
+    attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+        The attention maps of a transformers backbone that has them; None with the paper's backbone.
     segmentation_loss, auxiliary_loss, region_loss (`torch.FloatTensor` of shape `()`, *optional*):
         The terms of `loss`, for logging.
     auxiliary_logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height / s, width / s)`, *optional*):
@@ -74,10 +78,11 @@ class PCAASemanticSegmenterOutput(SemanticSegmenterOutput):
 @dataclass(frozen=True)
 class RegionPartition:
     """
-    Partition of one axis of length L into `bins` contiguous regions of at most `size` = ceil(L / bins) positions:
-    region i holds [floor(i*L/bins), floor((i+1)*L/bins)). When `bins` divides L this is the authors' equal split
-    and no index is needed (`even`); otherwise regions are padded to `size` positions by `gather` (repeating a
-    position), `valid` (bins, size) marks the real ones and `scatter` (L,) finds each position's slot again.
+    Partition of one axis of length L into `bins` contiguous regions of at most `size` positions (ceil(L / bins); at
+    least 2 when exported): region i holds [floor(i*L/bins), floor((i+1)*L/bins)). When `bins` divides L this is the
+    authors' equal split and no index is needed (`even`); otherwise regions are padded to `size` positions by `gather`
+    (repeating a position), `valid` (bins, size) marks the real ones and `scatter` (L,) finds each position's slot
+    again.
     """
 
     bins: int
@@ -88,24 +93,60 @@ class RegionPartition:
     scatter: torch.Tensor | None = None
 
 
+def build_region_partition(length, bins, device=None, even=None, min_size=1):
+    """
+    The `RegionPartition` of an axis, from tensor arithmetic only (no data-dependent indexing), so that it also traces
+    with a symbolic `length`. `even=False` builds the padded layout even where `bins` divides `length` (the same
+    regions, with an identity `gather` and `scatter`); `min_size` pads regions to at least that many positions.
+    """
+    size = (length + bins - 1) // bins
+    if even is None:
+        even = length % bins == 0
+    if even:
+        return RegionPartition(bins, size, True, torch.ones(bins, size, dtype=torch.bool, device=device))
+    size = torch.sym_max(size, min_size)
+    index = torch.arange(bins, device=device)
+    starts = index * length // bins
+    positions = starts[:, None] + torch.arange(size, device=device)
+    valid = positions < ((index + 1) * length // bins)[:, None]
+    gather = positions.clamp(max=length - 1).flatten()
+    # Position p lies in region r = ((p + 1) * bins - 1) // length (the last r with starts[r] <= p), at its slot
+    # r * size + p - starts[r] of the padded layout.
+    position = torch.arange(length, device=device)
+    region = ((position + 1) * bins - 1) // length
+    scatter = region * size + position - starts[region]
+    return RegionPartition(bins, size, False, valid, gather, scatter)
+
+
 @lru_cache(maxsize=256)
 @torch.inference_mode(False)
-def region_partition(length, bins, device):
+def cached_region_partition(length, bins, device):
     """
     The cached `RegionPartition` of an axis: built once per size on the CPU, so a forward pass never syncs (and
     outside inference mode, so a partition first built during inference still serves training).
     """
-    size = -(-length // bins)
-    if length % bins == 0:
-        return RegionPartition(bins, size, True, torch.ones(bins, size, dtype=torch.bool, device=device))
-    starts = torch.arange(bins) * length // bins
-    ends = (torch.arange(bins) + 1) * length // bins
-    positions = starts[:, None] + torch.arange(size)
-    valid = positions < ends[:, None]
-    gather = positions.clamp(max=length - 1).flatten()
-    scatter = torch.empty(length, dtype=torch.long)
-    scatter[gather[valid.flatten()]] = torch.arange(bins * size)[valid.flatten()]
-    return RegionPartition(bins, size, False, valid.to(device), gather.to(device), scatter.to(device))
+    partition = build_region_partition(length, bins)
+    moved = {name: getattr(partition, name) for name in ("valid", "gather", "scatter")}
+    return RegionPartition(bins, partition.size, partition.even,
+                           **{name: None if tensor is None else tensor.to(device) for name, tensor in moved.items()})
+
+
+def region_partition(length, bins, device):
+    """
+    The `RegionPartition` of an axis of `length` positions. Eager: cached per size. Traced (torch.export, torch.compile,
+    torch.jit.trace): built in the graph, never cached, because the length may be a SymInt, which `lru_cache` cannot
+    hash ("unhashable type: non-nested SymInt"), and the tensors are fake ones that a cache would hand to later eager
+    calls. Exported, the padded layout serves every length, so one graph serves every size: branching on
+    `length % bins` would restrict the exported graph to sizes of the traced one's divisibility (torch.compile may
+    branch: it guards on it and recompiles).
+    """
+    if isinstance(length, int) and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        return cached_region_partition(length, bins, device)
+    if is_exporting() or isinstance(length, torch.SymInt):
+        # Regions of 2 positions at least (padding is masked out, the same results): torch.export specialises every
+        # dimension on whether it is 1, which would split region sizes 1 (maps at most `bins` long) from larger ones.
+        return build_region_partition(length, bins, device, even=False, min_size=2)
+    return build_region_partition(length, bins, device)
 
 
 def split_regions(features, rows, cols):
@@ -135,6 +176,31 @@ def region_mask(rows, cols):
     """(N, P) bool mask of the real positions of each region."""
     mask = rows.valid[:, None, :, None] & cols.valid[None, :, None, :]  # (bh, bw, rh, rw)
     return mask.reshape(rows.bins * cols.bins, rows.size * cols.size)
+
+
+def averaging_matrix(length, bins, device, dtype):
+    """(bins, length): row i averages positions [floor(i*L/bins), ceil((i+1)*L/bins)), adaptive pooling's window i."""
+    index = torch.arange(bins, device=device)
+    starts = index * length // bins
+    ends = ((index + 1) * length + bins - 1) // bins
+    position = torch.arange(length, device=device)
+    window = (position >= starts[:, None]) & (position < ends[:, None])
+    return window.to(dtype) / (ends - starts).to(dtype)[:, None]
+
+
+def adaptive_average_pool(features, grid):
+    """
+    `F.adaptive_avg_pool2d(features, grid)`. Exported, two products with averaging matrices built from the map's
+    (symbolic) size instead: torch's decomposition of adaptive_avg_pool2d, which torch.onnx applies, branches on the
+    traced size's divisibility by the grid, so the ONNX graph pooled other sizes' maps with wrong windows (or indexed
+    out of range).
+    """
+    if not is_exporting():
+        return F.adaptive_avg_pool2d(features, grid)
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    rows = averaging_matrix(features.shape[2], grid[0], features.device, dtype)
+    cols = averaging_matrix(features.shape[3], grid[1], features.device, dtype)
+    return torch.matmul(torch.matmul(rows, features.to(dtype)), cols.transpose(0, 1)).to(features.dtype)
 
 
 class PCAAClassifier(nn.Conv2d):
@@ -189,7 +255,7 @@ class PCAAModule(nn.Module):
 
     def forward(self, features):
         class_activation = self.cam_classifier(self.cam_dropout(features))  # (B, K, H, W)
-        region_class_scores = torch.sigmoid(F.adaptive_avg_pool2d(class_activation, self.grid))  # (B, K, bh, bw)
+        region_class_scores = torch.sigmoid(adaptive_average_pool(class_activation, self.grid))  # (B, K, bh, bw)
 
         rows = region_partition(features.shape[2], self.grid[0], features.device)
         cols = region_partition(features.shape[3], self.grid[1], features.device)
@@ -266,6 +332,12 @@ class PCAAPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
     # PCAAConvNormAct: its conv and norm may run as one function (BatchNorm folded in), so never on two devices.
     _no_split_modules = ["PCAABottleneck", "PCAABasicBlock", "PCAAModule", "PCAAConvNormAct"]
+    # PCAA's own layers call no attention function: any implementation asked for is the backbone's to accept or refuse
+    # (a transformers backbone checks its own support when it is built).
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -292,7 +364,7 @@ class PCAAPreTrainedModel(PreTrainedModel):
 
     def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, every_n_layers=1):
         # A plain checkpoint recomputes each layer in the backward pass and so updates its BatchNorm running
-        # statistics twice; recompute with throwaway statistics instead. Needs use_reentrant=False (the default).
+        # statistics twice; recompute with throwaway statistics instead.
         if enable and not any(isinstance(module, GradientCheckpointingLayer) for module in self.modules()):
             raise ValueError(f"Gradient checkpointing recomputes backbone layers, and {type(self.backbone).__name__} "
                              "has none that transformers can checkpoint; train without it or use another backbone.")
@@ -300,7 +372,7 @@ class PCAAPreTrainedModel(PreTrainedModel):
         for module in self.modules():
             if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
                 module._gradient_checkpointing_func = partial(
-                    gradient_checkpointing_func, context_fn=partial(statistics_preserving_recomputation, module)
+                    checkpoint_preserving_statistics, gradient_checkpointing_func, module
                 )
 
 
@@ -336,19 +408,24 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
         pixel_values: torch.FloatTensor,
         labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
     ) -> tuple | PCAASemanticSegmenterOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
             Normalised images; any height and width.
         labels (`torch.LongTensor` of shape `(batch_size, label_height, label_width)`, *optional*):
-            Class ids in `[0, num_labels)` or `config.loss_ignore_index`. When given, the loss and its terms are
-            returned (logits are upsampled to the label size for the cross-entropies).
+            Class ids in `[0, num_labels)` (0 or 1 with `num_labels=1`) or `config.loss_ignore_index`. When given,
+            the loss and its terms are returned (logits are upsampled to the label size for the cross-entropies).
+        output_attentions (`bool`, *optional*):
+            Return the attention maps of a transformers backbone that has them (e.g. Swin), as UperNet does. The
+            paper's backbone has none, and PCAA's own attention (over region classes, not positions) is not returned.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         labels = self._check_inputs(pixel_values, labels)
         if self.training and labels is None and not torch.is_grad_enabled():
             logger.warning_once(
@@ -364,21 +441,30 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
             # layout). Not the decode head's: its wide 3x3 convs run faster in the standard layout, where the head
             # takes 4 - 13 % less time (ResNet-18 to 101, 512 - 768 px inputs; docs/benchmarks.md).
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        hidden_states = self.backbone(pixel_values)
-        if self.config.backbone_config is not None:
-            hidden_states = hidden_states.feature_maps
+        attentions = None
+        if self.config.backbone_config is None:
+            feature_maps = hidden_states = self.backbone(pixel_values)  # the stem's and the four stages' outputs
+        else:
+            backbone_output = self.backbone.forward_with_filtered_kwargs(
+                pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+            )
+            feature_maps, hidden_states = backbone_output.feature_maps, backbone_output.hidden_states
+            attentions = backbone_output.attentions
         auxiliary = self.auxiliary_head is not None and (self.training or labels is not None)
         if not output_hidden_states:
             # Only the maps that the heads read stay alive: the others are freed before the decode head runs.
-            hidden_states = hidden_states[-2:] if auxiliary else hidden_states[-1:]
+            feature_maps = feature_maps[-2:] if auxiliary else feature_maps[-1:]
+            hidden_states = None
         if channels_last:
             # Replaced, not kept beside: the channels-last map is freed before the head's largest activations.
-            hidden_states = hidden_states[:-1] + (standard_layout(hidden_states[-1]),)
-        logits, region_class_scores = self.decode_head(hidden_states[-1])
+            feature_maps = feature_maps[:-1] + (standard_layout(feature_maps[-1]),)
+            if output_hidden_states:  # the paper's backbone: its hidden states are its feature maps
+                hidden_states = feature_maps
+        logits, region_class_scores = self.decode_head(feature_maps[-1])
         # Callers get standard tensors whatever the layout inside.
         logits = logits.contiguous()
         region_class_scores = tuple(scores.contiguous() for scores in region_class_scores)
-        auxiliary_logits = self.auxiliary_head(hidden_states[-2]).contiguous() if auxiliary else None
+        auxiliary_logits = self.auxiliary_head(feature_maps[-2]).contiguous() if auxiliary else None
 
         losses = {}
         if labels is not None:
@@ -387,7 +473,8 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
         output = PCAASemanticSegmenterOutput(
             loss=losses.get("loss"),
             logits=logits,
-            hidden_states=hidden_states if output_hidden_states else None,
+            hidden_states=hidden_states,
+            attentions=attentions,
             segmentation_loss=losses.get("segmentation_loss"),
             auxiliary_loss=losses.get("auxiliary_loss"),
             region_loss=losses.get("region_loss"),
@@ -426,7 +513,7 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
             )
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"`labels` must hold integer class ids, got dtype {labels.dtype}.")
-        ignore_index, num_labels = self.config.loss_ignore_index, self.config.num_labels
+        ignore_index, num_labels = self.config.loss_ignore_index, num_label_values(self.config.num_labels)
         out_of_range = ((labels < 0) | (labels >= num_labels)) & (labels != ignore_index)
         if out_of_range.any():
             values = torch.unique(labels[out_of_range])[:10].tolist()

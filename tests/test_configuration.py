@@ -23,6 +23,7 @@ def test_labels_can_be_given_as_count_or_names():
     assert PCAAConfig(num_labels=150).num_labels == 150
     config = PCAAConfig(id2label={0: "road", 1: "sky"}, label2id={"road": 0, "sky": 1})
     assert config.num_labels == 2 and config.id2label[1] == "sky"
+    assert PCAAConfig(num_labels=1).num_labels == 1  # binary segmentation, as SegFormer
 
 
 @pytest.mark.parametrize(
@@ -41,7 +42,8 @@ def test_labels_can_be_given_as_count_or_names():
         ({"ohem_threshold": 0.0}, "ohem_threshold"),
         ({"ohem_min_kept": -1}, "ohem_min_kept"),
         ({"loss_ignore_index": 3}, "loss_ignore_index"),
-        ({"num_labels": 1}, "num_labels"),
+        ({"num_labels": 0}, "num_labels"),
+        ({"num_labels": 1, "loss_ignore_index": 1}, "loss_ignore_index"),  # binary: label values 0 and 1
     ],
 )
 def test_invalid_values_fail_at_construction_naming_the_field(overrides, field):

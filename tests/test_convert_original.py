@@ -160,7 +160,7 @@ def test_command_line_converts_a_resnet50_checkpoint_and_refuses_a_mismatch(tmp_
     assert existing.returncode == 2 and "--overwrite" in existing.stderr
 
     invalid = run_converter("--checkpoint", str(checkpoint), "--output", str(tmp_path / "invalid"), "--backbone",
-                            "resnet50", "--num-labels", "1")
+                            "resnet50", "--num-labels", "0")
     assert invalid.returncode == 2 and "num_labels" in invalid.stderr and "Traceback" not in invalid.stderr
 
     inside = run_converter("--checkpoint", str(checkpoint), "--output", str(tmp_path), "--backbone", "resnet50",

@@ -7,7 +7,6 @@ here with a small randomised PCAA (one window at a time, explicit flips and resc
 image with 150 classes in a subprocess.
 """
 
-import inspect
 import subprocess
 import sys
 import textwrap
@@ -248,15 +247,11 @@ def test_pixel_values_must_be_a_non_empty_four_dimensional_batch(model):
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
-    import importlib.util, sys, time, types
+    import time, types
     import torch
     import torch.nn.functional as F
 
-    # The module alone (it needs only torch): importing the pcaa_hf package would load transformers, 6 s more.
-    spec = importlib.util.spec_from_file_location("pcaa_inference", sys.argv[1])
-    inference_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(inference_module)
-    SegmentationInference = inference_module.SegmentationInference
+    from pcaa_hf.inference import SegmentationInference
 
 
     def peak_rss():
@@ -297,7 +292,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_sliding_memory_is_bounded_on_a_cityscapes_image_with_150_classes():
-    script = [sys.executable, "-c", MEMORY_SCRIPT, inspect.getfile(SegmentationInference)]
+    script = [sys.executable, "-c", MEMORY_SCRIPT]
     result = subprocess.run(script, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     growth, seconds = map(float, result.stdout.split())

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pcaa_hf import PCAAForSemanticSegmentation
+from pcaa_hf import PCAAForSemanticSegmentation, PCAAImageProcessor
+from pcaa_hf.inference import SegmentationInference
 from pcaa_hf.modeling_pcaa import PCAAModule
 from pcaa_hf.backbone_pcaa import PCAABasicBlock, PCAABottleneck
 from pcaa_hf.configuration_pcaa import PCAAConfig
@@ -258,3 +259,23 @@ def test_fixed_seed_regression_pin():
     assert observed[2] == pytest.approx(expected[2], rel=1e-4, abs=1e-6)
     assert observed[3] == pytest.approx(expected[3], rel=1e-4)
 
+
+
+def test_one_label_trains_binary_segmentation_and_predicts_where_the_logit_is_positive():
+    model = PCAAForSemanticSegmentation(small_config(num_labels=1)).train()
+    pixel_values, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 2, (2, 64, 64))
+    outputs = model(pixel_values, labels=labels)
+    assert outputs.logits.shape == (2, 1, 8, 8) and outputs.region_class_scores[0].shape == (2, 1, 4, 4)
+    outputs.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match=r"outside \[0, 2\).*\[2\]"):
+        model(pixel_values, labels=torch.full((2, 64, 64), 2))
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(pixel_values).logits
+    class_maps = PCAAImageProcessor().post_process_semantic_segmentation(model(pixel_values), target_sizes=[(8, 8)] * 2)
+    assert torch.equal(torch.stack(class_maps), (logits[:, 0] > 0).long())
+    with torch.no_grad():
+        predicted = SegmentationInference().predict(model, pixel_values, output_size=(8, 8))
+    assert torch.equal(predicted, (logits[:, 0] > 0).long())
