@@ -1,6 +1,7 @@
 """argparse types shared by the command-line scripts: each refuses a bad value with a message naming it."""
 
 import argparse
+import math
 import re
 
 
@@ -16,6 +17,25 @@ def non_negative_int(text):
     return int(text)
 
 
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def batch_shape(text):
+    """An input shape written BATCHxHEIGHTxWIDTH (e.g. 3x389x643)."""
+    match = re.fullmatch(r"(\d+)x(\d+)x(\d+)", text)
+    if not match or min(int(value) for value in match.groups()) < 1:
+        raise argparse.ArgumentTypeError(f"a shape is BATCHxHEIGHTxWIDTH with positive integers (e.g. 3x389x643), "
+                                         f"got {text!r}")
+    return tuple(int(value) for value in match.groups())
+
+
 def region_grid(text):
     """A PCAA region grid written ROWSxCOLUMNS (e.g. 4x4), as the authors' --bin_h/--bin_w pairs."""
     match = re.fullmatch(r"(\d+)x(\d+)", text)
@@ -24,4 +44,4 @@ def region_grid(text):
     return int(match[1]), int(match[2])
 
 
-__all__ = ["non_negative_int", "positive_int", "region_grid"]
+__all__ = ["batch_shape", "non_negative_int", "positive_float", "positive_int", "region_grid"]

@@ -31,7 +31,6 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import argparse
 import json
 import logging
-import math
 import re
 import sys
 import time
@@ -49,7 +48,7 @@ from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 from transformers.image_transforms import convert_to_rgb
 
 # Importing pcaa_hf registers PCAA with the Auto classes.
-from pcaa_hf.argument_types import positive_int
+from pcaa_hf.argument_types import positive_float, positive_int
 from pcaa_hf.cpu_memory import reuse_freed_cpu_memory
 from pcaa_hf.image_processing_pcaa import open_image, to_eight_bit
 from pcaa_hf.inference import MODES, SegmentationInference
@@ -64,18 +63,6 @@ logger = logging.getLogger("predict")
 
 class UserError(Exception):
     """A mistake in the command line or its files, reported as one line without a traceback."""
-
-
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def opacity(text):
