@@ -235,11 +235,11 @@ class PCAAResNetStage(nn.Sequential):
 
     def forward(self, hidden_state):
         sizes, phases = hidden_state.shape[2:], 1
-        # The largest divisor of self.phases that divides both sizes (their gcd), written with `%`, which
-        # torch.compile traces with symbolic sizes (guarding on divisibility) and math.gcd not (a graph break).
-        # torch.export keeps the dilated convs, the same computation: a guard would fix the sizes' divisibility.
-        exporting = is_exporting() or any(isinstance(size, torch.SymInt) for size in sizes)
-        if hidden_state.device.type == "cpu" and not exporting:
+        # Exported or traced with symbolic sizes, the dilated convs run as they are (the same computation): a phase
+        # count would guard on the sizes' divisibility, fixing it for every size the graph serves.
+        symbolic = is_exporting() or any(isinstance(size, torch.SymInt) for size in sizes)
+        if hidden_state.device.type == "cpu" and not symbolic:
+            # gcd(self.phases, H, W) written with `%`: torch.compile traces math.gcd as a graph break, even on ints.
             phases = next(p for p in range(self.phases, 0, -1)
                           if self.phases % p == 0 and all(size % p == 0 for size in sizes))
         if phases > 1 and not all(layer.is_plain for layer in self.modules() if isinstance(layer, PCAAConvNormAct)):

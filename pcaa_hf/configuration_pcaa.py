@@ -114,7 +114,9 @@ class PCAAConfig(PreTrainedConfig):
     initializer_range: float = 0.01
 
     def __post_init__(self, **kwargs):
-        if isinstance(self.backbone_config, dict):  # as stored in config.json
+        # A dict (as stored in config.json) is resolved here, before the sub-config spec sees it, to refuse one without
+        # a transformers `model_type` by name (the spec would fall back to its default type).
+        if isinstance(self.backbone_config, dict):
             settings = dict(self.backbone_config)
             model_type = settings.pop("model_type", None)
             if model_type not in CONFIG_MAPPING:

@@ -102,10 +102,7 @@ def region_focal_loss(region_scores, labels, grid, ignore_index, label_threshold
     authors' code returns NaN when a class has none).
     """
     scores = region_scores.to(loss_dtype(region_scores))
-    if scores.shape[1] == 1:  # binary segmentation: the one score is label 1's
-        fractions = region_class_fractions(labels, 2, grid, ignore_index, scores.dtype)[:, 1:]
-    else:
-        fractions = region_class_fractions(labels, scores.shape[1], grid, ignore_index, scores.dtype)
+    fractions = region_class_fractions(labels, scores.shape[1], grid, ignore_index, scores.dtype)
     targets = (fractions > 0).to(scores.dtype)
     valid = ~((fractions > 0) & (fractions < label_threshold))
     cross_entropy = F.binary_cross_entropy(scores, targets, reduction="none")

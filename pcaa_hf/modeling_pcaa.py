@@ -65,7 +65,8 @@ class PCAASemanticSegmenterOutput(SemanticSegmenterOutput):
     auxiliary_logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height / s, width / s)`, *optional*):
         Class scores of the auxiliary head, computed in training mode or when `labels` is provided.
     region_class_scores (`tuple(torch.FloatTensor)`):
-        One `(batch_size, num_labels, bins_rows, bins_columns)` tensor of sigmoid region class scores per PCAA module.
+        One `(batch_size, num_labels, bins_rows, bins_columns)` tensor of sigmoid region class scores per PCAA module
+        (2 classes, labels 0 and 1, for a binary model with `num_labels=1`).
     """
 
     segmentation_loss: torch.FloatTensor | None = None
@@ -79,7 +80,7 @@ class PCAASemanticSegmenterOutput(SemanticSegmenterOutput):
 class RegionPartition:
     """
     Partition of one axis of length L into `bins` contiguous regions of at most `size` positions (ceil(L / bins); at
-    least 2 when exported): region i holds [floor(i*L/bins), floor((i+1)*L/bins)). When `bins` divides L this is the
+    least 2 for a symbolic L): region i holds [floor(i*L/bins), floor((i+1)*L/bins)). When `bins` divides L this is the
     authors' equal split and no index is needed (`even`); otherwise regions are padded to `size` positions by `gather`
     (repeating a position), `valid` (bins, size) marks the real ones and `scatter` (L,) finds each position's slot
     again.
@@ -122,13 +123,10 @@ def build_region_partition(length, bins, device=None, even=None, min_size=1):
 @torch.inference_mode(False)
 def cached_region_partition(length, bins, device):
     """
-    The cached `RegionPartition` of an axis: built once per size on the CPU, so a forward pass never syncs (and
-    outside inference mode, so a partition first built during inference still serves training).
+    The cached `RegionPartition` of an axis: built once per size and device (outside inference mode, so a partition
+    first built during inference still serves training).
     """
-    partition = build_region_partition(length, bins)
-    moved = {name: getattr(partition, name) for name in ("valid", "gather", "scatter")}
-    return RegionPartition(bins, partition.size, partition.even,
-                           **{name: None if tensor is None else tensor.to(device) for name, tensor in moved.items()})
+    return build_region_partition(length, bins, device)
 
 
 def region_partition(length, bins, device):
@@ -136,9 +134,8 @@ def region_partition(length, bins, device):
     The `RegionPartition` of an axis of `length` positions. Eager: cached per size. Traced (torch.export, torch.compile,
     torch.jit.trace): built in the graph, never cached, because the length may be a SymInt, which `lru_cache` cannot
     hash ("unhashable type: non-nested SymInt"), and the tensors are fake ones that a cache would hand to later eager
-    calls. Exported, the padded layout serves every length, so one graph serves every size: branching on
-    `length % bins` would restrict the exported graph to sizes of the traced one's divisibility (torch.compile may
-    branch: it guards on it and recompiles).
+    calls. Exported or symbolic, always the padded layout, so that one graph serves every size: branching on
+    `length % bins` would restrict the graph to sizes of the traced one's divisibility.
     """
     if isinstance(length, int) and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
         return cached_region_partition(length, bins, device)
@@ -245,7 +242,9 @@ class PCAAModule(nn.Module):
         num_regions = grid[0] * grid[1]
         self.grid = tuple(grid)
         self.cam_dropout = nn.Dropout2d(config.cam_dropout)
-        self.cam_classifier = PCAAClassifier(hidden_size, config.num_labels)
+        # A binary model's one logit is label 1's; its class activation keeps both labels, so that the attention
+        # over classes has two to weigh (over one class, its softmax would be 1 everywhere).
+        self.cam_classifier = PCAAClassifier(hidden_size, num_label_values(config.num_labels))
         self.region_graph = PCAARegionGraph(num_regions, hidden_size)
         self.global_fuse = PCAARegionConv(num_regions, 1, bias=True)
         self.query = nn.Linear(hidden_size, inner_size)

@@ -142,16 +142,3 @@ def test_one_label_is_binary_segmentation_with_binary_cross_entropy():
     # OHEM keeps every pixel when its threshold is 1: the same mean.
     torch.testing.assert_close(ohem_cross_entropy(logits, labels, 255, 1.0, 0), expected)
 
-
-def test_one_label_region_loss_scores_label_one_only():
-    labels = torch.randint(0, 2, (2, 16, 16))
-    labels[1, :4] = 255
-    labels[0, 0, 0] = 1 - labels[0, 0, 1]  # both values somewhere
-    score = torch.rand(2, 1, 4, 4) * 0.98 + 0.01
-    # Targets: label 1 present in the region (ignored where it covers a fraction in (0, 1 %)).
-    fractions = F.adaptive_avg_pool2d((labels == 1).float().unsqueeze(1), (4, 4))
-    targets = (fractions > 0).float()
-    valid = ~((fractions > 0) & (fractions < 0.01))
-    p_t = torch.where(targets == 1, score, 1 - score)
-    expected = ((1 - p_t) ** 2 * -torch.log(p_t) * valid).sum() / valid.sum()
-    torch.testing.assert_close(region_focal_loss(score, labels, (4, 4), 255, 0.01, 2.0), expected)

@@ -260,14 +260,16 @@ def test_fixed_seed_regression_pin():
     assert observed[3] == pytest.approx(expected[3], rel=1e-4)
 
 
-
 def test_one_label_trains_binary_segmentation_and_predicts_where_the_logit_is_positive():
     model = PCAAForSemanticSegmentation(small_config(num_labels=1)).train()
     pixel_values, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 2, (2, 64, 64))
     outputs = model(pixel_values, labels=labels)
-    assert outputs.logits.shape == (2, 1, 8, 8) and outputs.region_class_scores[0].shape == (2, 1, 4, 4)
+    # One logit; the class activation and region scores keep both labels, so the attention over classes works.
+    assert outputs.logits.shape == (2, 1, 8, 8) and outputs.region_class_scores[0].shape == (2, 2, 4, 4)
     outputs.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    module = model.decode_head.pcaa_modules[0]
+    assert module.query.weight.grad.abs().sum() > 0 and module.key.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match=r"outside \[0, 2\).*\[2\]"):
         model(pixel_values, labels=torch.full((2, 64, 64), 2))
 
