@@ -166,6 +166,7 @@ class ExportReport:
     dynamic: bool
     example_shape: tuple
     export_seconds: float
+    dtype: torch.dtype = torch.float32
     checks: list = field(default_factory=list)
     files: list = field(default_factory=list)
 
@@ -212,7 +213,7 @@ def export_to_folder(model, output_dir, format="onnx", dynamic=True, example_siz
     started = time.perf_counter()
     exported = export_model(model, format, dynamic, example_size, batch_size, **options)
     report = ExportReport(Path(output_dir), format, dynamic, (batch_size, input_channels(model), *example_size),
-                          time.perf_counter() - started)
+                          time.perf_counter() - started, model.dtype)
 
     def save_and_check(staging):
         exported.save_pretrained(staging)

@@ -16,6 +16,11 @@ class PCAASegmentationPipeline(ImageSegmentationPipeline):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.model.config.num_labels == 1:
+            # transformers' pipeline names each value of the class map by id2label, which has no entry for value 1.
+            raise ValueError("The image-segmentation pipeline names each predicted class by `id2label`; a binary model "
+                             "with num_labels=1 predicts 0 and 1 with one name. Use post_process_semantic_segmentation "
+                             "or a model with num_labels=2.")
         self.model.eval()
 
     def preprocess(self, image, subtask=None, timeout=None):

@@ -84,7 +84,7 @@ def main(argv=None):
     print(f"Exported {args.model} as {report.format} ({axes}) to {report.output_dir}, traced on "
           f"{'x'.join(map(str, report.example_shape))} in {report.export_seconds:.1f} s.")
     print(f"Files: {', '.join(report.files)}")
-    print("Reloaded and compared with the eager model (float32, random inputs):")
+    print(f"Reloaded and compared with the eager model ({str(report.dtype).removeprefix('torch.')}, random inputs):")
     for check in report.checks:
         print(f"  {check}")
     return 0

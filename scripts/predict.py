@@ -173,6 +173,9 @@ def load_model(name, device, trust_remote_code):
         raise UserError(f"cannot load the image processor of {name}: {one_line(error)}") from error
     if model.config.num_labels > 256:
         raise UserError(f"model {name} has {model.config.num_labels} classes; palette PNG masks hold at most 256")
+    if model.config.num_labels == 1:
+        raise UserError(f"model {name} is a binary model with one label, whose class map holds 0 and 1 with a name "
+                        "for one of them; masks and overlays need a name per class (train with num_labels=2)")
     return model.to(device).eval(), processor
 
 

@@ -270,3 +270,10 @@ def test_push_to_hub_uploads_safetensors_configs_and_code_only(fake_hub, model_a
         expected = model(**processor(image, return_tensors="pt")).logits
         observed = reloaded(**reloaded_processor(image, return_tensors="pt")).logits
     assert torch.equal(observed, expected)
+
+
+def test_pcaa_pipeline_refuses_a_binary_model_clearly():
+    model = PCAAForSemanticSegmentation(small_config(num_labels=1))
+    with pytest.raises(ValueError, match="num_labels=1"):
+        pipeline("image-segmentation", model=model, image_processor=PCAAImageProcessor(),
+                 pipeline_class=PCAASegmentationPipeline)

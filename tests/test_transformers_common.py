@@ -23,7 +23,7 @@ NOT_APPLICABLE = {
     "test_inputs_embeds": "PCAA does not use inputs_embeds",
     "test_model_get_set_embeddings": "PCAA has no input or output embeddings",
     "test_attention_outputs": "PCAA's attention is not one of transformers' attention layers and returns none",
-    "test_retain_grad_hidden_states_attentions": "PCAA returns no attentions",
+    "test_retain_grad_hidden_states_attentions": "PCAA's own attention (over region classes) is not returned",
     "test_model_base_model_prefix": "PCAA has no base model (as UperNet)",
     "test_base_model_prefix_loads_base_weights": "PCAA has no base model (as UperNet)",
 }
@@ -136,6 +136,18 @@ class PCAAWithTransformersBackboneModelTest(PCAAModelTest):
     test_model_is_small = modeling_common.ModelTesterMixin.test_model_is_small
     # transformers' SwinBackbone keeps SwinModel's final LayerNorm, which none of its feature maps goes through.
     test_all_params_have_gradient = False
+
+    def test_attention_outputs(self):
+        # PCAA returns the backbone's attention maps (its own attention, over region classes, is not returned).
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        config._attn_implementation = "eager"  # sdpa computes no attention weights to return
+        model = PCAAForSemanticSegmentation(config).eval()
+        self.assertEqual(model.backbone.config._attn_implementation, "eager")
+        with torch.no_grad():
+            attentions = model(**inputs, output_attentions=True).attentions
+            self.assertIsNone(model(**inputs).attentions)
+        self.assertEqual(len(attentions), 4)  # one layer per stage
+        self.assertEqual(attentions[0].shape[0] % self.model_tester.batch_size, 0)  # (batch x windows, heads, ...)
 
 
 class PCAAImageProcessingTester(image_processing_common.ImageProcessingTester):
