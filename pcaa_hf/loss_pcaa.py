@@ -51,6 +51,12 @@ def ohem_cross_entropy(logits, labels, ignore_index, threshold, min_kept):
     return masked_mean(losses, keep)
 
 
+def adaptive_pool_bounds(length, bins, device=None):
+    """(starts, ends), each (bins,): adaptive average pooling's window i covers [floor(i*L/b), ceil((i+1)*L/b))."""
+    index = torch.arange(bins, device=device)
+    return index * length // bins, ((index + 1) * length + bins - 1) // bins
+
+
 @lru_cache(maxsize=256)
 @torch.inference_mode(False)
 def adaptive_pool_windows(length, bins, device):
@@ -60,8 +66,8 @@ def adaptive_pool_windows(length, bins, device):
     on the CPU, outside inference mode, and cached, so the loss never syncs with the device for them.
     """
     index = torch.arange(bins)
-    starts = index * length // bins
-    sizes = ((index + 1) * length + bins - 1) // bins - starts
+    starts, ends = adaptive_pool_bounds(length, bins)
+    sizes = ends - starts
     windows = torch.repeat_interleave(index, sizes)
     offsets = torch.arange(windows.numel()) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
     return (starts[windows] + offsets).to(device), windows.to(device), sizes.to(device)

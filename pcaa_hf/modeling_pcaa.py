@@ -25,7 +25,7 @@ from .backbone_pcaa import (
     standard_layout,
 )
 from .configuration_pcaa import PCAAConfig, num_label_values
-from .loss_pcaa import pcaa_loss
+from .loss_pcaa import adaptive_pool_bounds, pcaa_loss
 
 
 logger = transformers_logging.get_logger(__name__)
@@ -176,10 +176,8 @@ def region_mask(rows, cols):
 
 
 def averaging_matrix(length, bins, device, dtype):
-    """(bins, length): row i averages positions [floor(i*L/bins), ceil((i+1)*L/bins)), adaptive pooling's window i."""
-    index = torch.arange(bins, device=device)
-    starts = index * length // bins
-    ends = ((index + 1) * length + bins - 1) // bins
+    """(bins, length): row i averages the positions of adaptive average pooling's window i."""
+    starts, ends = adaptive_pool_bounds(length, bins, device)
     position = torch.arange(length, device=device)
     window = (position >= starts[:, None]) & (position < ends[:, None])
     return window.to(dtype) / (ends - starts).to(dtype)[:, None]
@@ -449,6 +447,7 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
             )
             feature_maps, hidden_states = backbone_output.feature_maps, backbone_output.hidden_states
             attentions = backbone_output.attentions
+            del backbone_output  # it would keep every feature map alive through the heads
         auxiliary = self.auxiliary_head is not None and (self.training or labels is not None)
         if not output_hidden_states:
             # Only the maps that the heads read stay alive: the others are freed before the decode head runs.
