@@ -1,39 +1,7 @@
 #!/usr/bin/env python
-"""Convert an open-mmlab ResNet-V1c ImageNet checkpoint (resnet18_v1c, resnet50_v1c, resnet101_v1c; the weights the
-paper starts from) into a safetensors file of PCAA backbone weights, checked strictly: every backbone weight must be
-in the file, only the ImageNet classifier (fc.*) is left out, mismatches are listed by name.
+"""`pcaa-convert-backbone`, run from a checkout: the command is `pcaa_hf.cli.convert_backbone.main`."""
 
-Example:
-    python scripts/convert_openmmlab_backbone.py --checkpoint resnet50_v1c-2cccc1ad.pth --depth 50 \
-        --output resnet50_v1c.safetensors
-    python scripts/train.py ... --backbone_depth 50 --pretrained_backbone resnet50_v1c.safetensors
-"""
-
-import argparse
-import sys
-
-from pcaa_hf import PCAAConfig
-from pcaa_hf.backbone_pcaa import PCAAResNetBackbone
-from pcaa_hf.pretrained_backbones import save_backbone_safetensors
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="open-mmlab's .pth file (a `state_dict` nesting is fine)")
-    parser.add_argument("--depth", required=True, type=int, choices=(18, 34, 50, 101), help="the ResNet's depth")
-    parser.add_argument("--output", required=True, help="the .safetensors file to write")
-    args = parser.parse_args(argv)
-    if not args.output.endswith(".safetensors"):
-        parser.error(f"--output must end with .safetensors, got {args.output}")
-    backbone = PCAAResNetBackbone(PCAAConfig(backbone_depth=args.depth))
-    try:
-        output = save_backbone_safetensors(args.checkpoint, backbone, args.output)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"Wrote {output}: {len(backbone.state_dict())} ResNet-{args.depth} V1c backbone tensors (fc.* left out).")
-    return 0
-
+from pcaa_hf.cli.convert_backbone import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,57 +1,7 @@
 #!/usr/bin/env python
-r"""Convert a checkpoint of the authors' PCAA code (GitHub lsa1997/PCAA) into a transformers `save_pretrained` folder.
+"""`pcaa-convert-original`, run from a checkout: the command is `pcaa_hf.cli.convert_original.main`."""
 
-Example:
-    python scripts/convert_original_pcaa.py --checkpoint CS_scenes_60000.pth --output pcaa-r50-cityscapes \
-        --backbone resnet50 --num-labels 19 --bins 4x4 --dataset cityscapes
-"""
-
-import argparse
-import logging
-import sys
-
-from huggingface_hub.errors import StrictDataclassError
-
-from pcaa_hf.argument_types import region_grid
-from pcaa_hf.convert_original import ORIGINAL_BACKBONES, convert_original_checkpoint
-from pcaa_hf.label_sets import LABEL_SETS
-
-
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="the authors' .pth state dict (a `module.` prefix is fine)")
-    parser.add_argument("--output", required=True,
-                        help="folder to write (config, model.safetensors, image processor and code files)")
-    parser.add_argument("--backbone", required=True, choices=sorted(ORIGINAL_BACKBONES))
-    parser.add_argument("--num-labels", required=True, type=int, help="number of classes (19 Cityscapes, 150 ADE20K)")
-    parser.add_argument("--bins", nargs="+", type=region_grid, default=[(4, 4)], metavar="RxC",
-                        help="region grid of each PCAA module, as the authors' --bin_h/--bin_w (default: 4x4)")
-    parser.add_argument("--multi-grid", action="store_true", help="the model was trained with --multi-grid")
-    parser.add_argument("--dropout", action="store_true", help="the model was trained with --dropout")
-    parser.add_argument("--dataset", choices=sorted(LABEL_SETS),
-                        help="also set the data set's class names and its image processor settings")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output folder")
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        model = convert_original_checkpoint(
-            args.checkpoint, args.output, args.backbone, args.num_labels, args.bins, multi_grid=args.multi_grid,
-            dropout=args.dropout, dataset=args.dataset, overwrite=args.overwrite,
-        )
-    except (OSError, ValueError, RuntimeError, StrictDataclassError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    parameters = sum(p.numel() for p in model.parameters())
-    print(f"Wrote {args.output}: PCAA {args.backbone}, {model.config.num_labels} classes, bins {args.bins}, "
-          f"{parameters / 1e6:.2f}M parameters; reloaded with no missing or unexpected keys.")
-    return 0
-
+from pcaa_hf.cli.convert_original import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,10 +1,21 @@
-"""Helpers shared by the tests."""
+"""Helpers shared by the tests (the session fixtures built with them are in conftest.py)."""
 
+import shutil
 import socket
+from pathlib import Path
 
 import torch
 
-from pcaa_hf import PCAAConfig
+from pcaa_hf import PCAAConfig, PCAAForSemanticSegmentation, PCAAImageProcessor
+
+# What conftest.py's session fixtures hold; tests whose assertions depend on these numbers can read them here.
+# The generated Cityscapes tree of `cityscapes_tree`: write_cityscapes_tree's arguments.
+CITYSCAPES_TREE = dict(num_train=4, num_val=2, num_test=1, size=(128, 64), seed=0)
+# The generated ADE20K tree of `ade20k_tree` (the data set folder is <tree>/ADEChallengeData2016).
+ADE20K_TREE = dict(num_train=3, num_val=2, size=(96, 64), seed=0)
+# The saved model of `small_pcaa_folder`: small_labelled_model(SMALL_PCAA_SEED), with these label names.
+SMALL_PCAA_LABELS = ("road", "sky", "car", "person", "tree")
+SMALL_PCAA_SEED = 3
 
 
 def small_config(**overrides):
@@ -12,6 +23,38 @@ def small_config(**overrides):
     settings = dict(backbone_depth=18, hidden_size=64, auxiliary_hidden_size=32, num_labels=5)
     settings.update(overrides)
     return PCAAConfig(**settings)
+
+
+def small_labelled_config(**overrides):
+    """small_config with the five named labels of SMALL_PCAA_LABELS (id2label and label2id)."""
+    labels = dict(id2label=dict(enumerate(SMALL_PCAA_LABELS)),
+                  label2id={name: index for index, name in enumerate(SMALL_PCAA_LABELS)})
+    return small_config(**{**labels, **overrides})
+
+
+def small_labelled_model(seed=SMALL_PCAA_SEED):
+    """A PCAA of small_labelled_config, randomise_weights(seed), in eval mode: the model `small_pcaa_folder` saves."""
+    return randomise_weights(PCAAForSemanticSegmentation(small_labelled_config()), seed=seed).eval()
+
+
+def save_small_pcaa(folder, seed=SMALL_PCAA_SEED):
+    """save_pretrained of small_labelled_model(seed) and of a default PCAAImageProcessor into `folder`."""
+    small_labelled_model(seed).save_pretrained(folder)
+    PCAAImageProcessor().save_pretrained(folder)
+    return Path(folder)
+
+
+def writable_copy(source, target):
+    """A copy of a session fixture's folder at `target`, for a test that writes into it."""
+    shutil.copytree(source, target)
+    return Path(target)
+
+
+def tree_fingerprint(root):
+    """{relative path: (size, mtime_ns)} of every file and folder under `root`: changes when anything is written."""
+    root = Path(root)
+    return {str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in sorted(root.rglob("*"))}
 
 
 @torch.no_grad()

@@ -12,15 +12,14 @@ import torch
 from transformers import AutoImageProcessor
 
 from pcaa_hf import PCAAForSemanticSegmentation
-from pcaa_hf.atomic_folders import write_folder_atomically
-from pcaa_hf.convert_original import (
+from pcaa_hf.conversion.original_checkpoints import (
     CheckpointMismatchError,
     convert_original_checkpoint,
     convert_original_state_dict,
     load_original_state_dict,
     original_config,
 )
-
+from pcaa_hf.utils.atomic_folders import write_folder_atomically
 from pcaa_testing import randomise_weights, small_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,10 +31,14 @@ def authors_key(key, dropout=False):
     rules = [
         (r"^backbone\.stem\.(\d)\.conv\.", lambda m: f"backbone.stem.{3 * int(m[1])}."),
         (r"^backbone\.stem\.(\d)\.norm\.", lambda m: f"backbone.stem.{3 * int(m[1]) + 1}."),
-        (r"^backbone\.stages\.(\d)\.(\d+)\.conv(\d)\.conv\.", lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.conv{m[3]}."),
-        (r"^backbone\.stages\.(\d)\.(\d+)\.conv(\d)\.norm\.", lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.bn{m[3]}."),
-        (r"^backbone\.stages\.(\d)\.(\d+)\.shortcut\.conv\.", lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.downsample.0."),
-        (r"^backbone\.stages\.(\d)\.(\d+)\.shortcut\.norm\.", lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.downsample.1."),
+        (r"^backbone\.stages\.(\d)\.(\d+)\.conv(\d)\.conv\.",
+         lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.conv{m[3]}."),
+        (r"^backbone\.stages\.(\d)\.(\d+)\.conv(\d)\.norm\.",
+         lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.bn{m[3]}."),
+        (r"^backbone\.stages\.(\d)\.(\d+)\.shortcut\.conv\.",
+         lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.downsample.0."),
+        (r"^backbone\.stages\.(\d)\.(\d+)\.shortcut\.norm\.",
+         lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.downsample.1."),
         (r"^decode_head\.pre\.(conv|norm)\.", lambda m: f"head.conva.{int(m[1] == 'norm')}."),
         (r"^decode_head\.post\.(conv|norm)\.", lambda m: f"head.convb.{int(m[1] == 'norm')}."),
         (r"^decode_head\.fuse\.(conv|norm)\.", lambda m: f"head.conv_seg.{int(m[1] == 'norm')}."),
@@ -90,7 +93,8 @@ def test_mismatches_are_refused_listing_every_key():
         convert_original_state_dict(original, PCAAForSemanticSegmentation(small_config(num_labels=7)), False)
     message = str(error.value)
     assert "backbone.layer1.2.conv1.weight" in message  # ResNet-34 has blocks ResNet-18 lacks
-    assert "head.conv_seg.3.weight -> decode_head.classifier.weight: checkpoint (5, 64, 1, 1), model (7, 64, 1, 1)" in message
+    assert ("head.conv_seg.3.weight -> decode_head.classifier.weight: checkpoint (5, 64, 1, 1), model (7, 64, 1, 1)"
+            in message)
     assert "head.module_list.0.conv_cam.bias" in message
 
     with pytest.raises(CheckpointMismatchError, match=r"trained with --dropout[\s\S]*head\.conv_seg\.4\.weight"):
@@ -159,8 +163,9 @@ def test_command_line_converts_a_resnet50_checkpoint_and_refuses_a_mismatch(tmp_
                              "--num-labels", "19")
     assert existing.returncode == 2 and "--overwrite" in existing.stderr
 
+    # --num-labels, the first spelling that other tools pass, and --num_labels, the snake_case one, are one option.
     invalid = run_converter("--checkpoint", str(checkpoint), "--output", str(tmp_path / "invalid"), "--backbone",
-                            "resnet50", "--num-labels", "0")
+                            "resnet50", "--num_labels", "0")
     assert invalid.returncode == 2 and "num_labels" in invalid.stderr and "Traceback" not in invalid.stderr
 
     inside = run_converter("--checkpoint", str(checkpoint), "--output", str(tmp_path), "--backbone", "resnet50",

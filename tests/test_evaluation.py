@@ -1,7 +1,6 @@
-"""Evaluation loop and scripts/evaluate.py: shares without duplicates, predictions at each image's own size, the same
-figures from one process or two (`accelerate launch`), and the PNG outputs."""
+"""Evaluation loop and `pcaa-evaluate` (scripts/evaluate.py): shares without duplicates, predictions at each image's
+own size, the same figures from one process or two (`accelerate launch`), and the PNG outputs."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,15 +13,16 @@ import torch
 from PIL import Image
 
 from pcaa_hf import PCAAForSemanticSegmentation, PCAAImageProcessor
-from pcaa_hf.evaluation import evaluate_segmentation, process_share, results_table
-from pcaa_hf.inference import SegmentationInference
-from pcaa_hf.label_sets import CITYSCAPES_LABELS, TRAIN_ID_TO_CITYSCAPES_ID, label_maps
-from pcaa_hf.metrics import mean_iou
-from pcaa_hf.segmentation_data import build_cityscapes
-from pcaa_hf.synthetic import write_cityscapes_tree
-from pcaa_hf.transforms import EvalTransform
-from pcaa_hf.visualisation import palette_for
-
+from pcaa_hf.cli.evaluate import main as evaluate_main
+from pcaa_hf.data.builders import build_cityscapes
+from pcaa_hf.data.label_sets import CITYSCAPES_LABELS, TRAIN_ID_TO_CITYSCAPES_ID, label_maps
+from pcaa_hf.data.synthetic import write_cityscapes_tree
+from pcaa_hf.data.transforms import EvalTransform
+from pcaa_hf.evaluation.metrics import mean_iou
+from pcaa_hf.evaluation.prediction_files import PredictionWriter, prediction_names, read_label_map
+from pcaa_hf.evaluation.scoring import evaluate_segmentation, process_share, results_table
+from pcaa_hf.inference.segmentation_inference import SegmentationInference
+from pcaa_hf.inference.visualisation import palette_for
 from pcaa_testing import randomise_weights, small_config, two_cpu_processes_launcher
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
@@ -105,19 +105,13 @@ def run_script(arguments, launcher=(), env=None):
 
 def script_arguments(root, output, *extra):
     return ["--model", str(root / "model"), "--dataset", "cityscapes", "--data", str(root / "cityscapes"),
-            "--crop-size", "48", "48", "--output-dir", str(output), "--num-workers", "0", *extra]
-
-
-def evaluate_main(arguments):
-    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script.main(arguments)
+            "--crop_size", "48", "48", "--output_dir", str(output), "--num_workers", "0", *extra]
 
 
 def test_evaluate_script_results_and_png_outputs(cityscapes_run, capsys):
     output = cityscapes_run / "single"
-    assert evaluate_main(script_arguments(cityscapes_run, output, "--save-predictions", "--cityscapes-test-format")) == 0
+    arguments = script_arguments(cityscapes_run, output, "--save_predictions", "--cityscapes_test_format")
+    assert evaluate_main(arguments) == 0
     stdout = capsys.readouterr().out
     results = json.loads((output / "results.json").read_text())
     assert results["num_images"] == 5 and results["processes"] == 1
@@ -158,7 +152,11 @@ def test_evaluate_script_under_accelerate_two_processes(cityscapes_run):
         assert evaluate_main(script_arguments(cityscapes_run, single)) == 0
     double = cityscapes_run / "two_processes"
     launcher = two_cpu_processes_launcher()
-    result = run_script(script_arguments(cityscapes_run, double), launcher, {**os.environ, "ACCELERATE_USE_CPU": "1"})
+    # The options' first spellings (kebab-case: --output-dir) are accepted too.
+    arguments = [argument.replace("_", "-") if argument.startswith("--") else argument
+                 for argument in script_arguments(cityscapes_run, double)]
+    assert "--output-dir" in arguments
+    result = run_script(arguments, launcher, {**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = (json.loads((folder / "results.json").read_text()) for folder in (single, double))
     assert two["processes"] == 2 and two["num_images"] == 5
@@ -177,6 +175,31 @@ def test_evaluate_script_bad_arguments(cityscapes_run, tmp_path, capsys, change,
     message = message.replace("MISSING", str(tmp_path / "MISSING"))
     assert evaluate_main(script_arguments(cityscapes_run, tmp_path / "out") + change) == 2
     assert message in capsys.readouterr().err
+
+
+def test_prediction_files_are_named_after_the_images_and_label_ids_need_cityscapes(tmp_path):
+    import datasets
+
+    paths = []
+    for folder, name in (("a", "x"), ("b", "y"), ("c", "x")):
+        (tmp_path / folder).mkdir()
+        paths.append(str(tmp_path / folder / f"{name}.png"))
+        Image.fromarray(np.zeros((4, 6, 3), dtype=np.uint8)).save(paths[-1])
+    split = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image())
+    assert prediction_names(split.select([0, 1])) == ["x", "y"]
+    assert prediction_names(split) == ["000000_x", "000001_y", "000002_x"]  # stems that clash get the index
+
+    id2label = dict(enumerate(CITYSCAPES_LABELS))
+    writer = PredictionWriter(tmp_path / "out", split, id2label, cityscapes_label_ids=True)
+    writer(2, np.full((4, 6), 13))
+    assert np.asarray(Image.open(tmp_path / "out" / "predictions" / "000002_x.png")).tolist() == [[13] * 6] * 4
+    assert np.asarray(Image.open(tmp_path / "out" / "cityscapes_label_ids" / "000002_x.png")).max() == 26  # car
+    with pytest.raises(ValueError, match="19 Cityscapes classes"):
+        PredictionWriter(tmp_path / "other", split, {0: "a", 1: "b"}, palette=False, cityscapes_label_ids=True)
+    assert not (tmp_path / "other").exists()
+
+    (tmp_path / "map.json").write_text(json.dumps({"26": 13, "7": 0}))
+    assert read_label_map(tmp_path / "map.json") == {26: 13, 7: 0}
 
 
 def test_evaluation_errors_name_the_example():

@@ -1,7 +1,7 @@
 """
 Deployment exports through transformers' exporters (torch.export, ONNX run by ONNX Runtime, OpenVINO) with dynamic
 batch size, height and width; the model code they rely on (region partition and pooling built in the graph); the
-pcaa_hf.exporting library and scripts/export.py.
+pcaa_hf.publishing.exporting library and scripts/export.py.
 """
 
 import importlib.util
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import ResNetConfig
 
 pytest.importorskip("transformers.exporters", reason="transformers >= 5.25 has the exporters")
-from transformers.exporters import (  # noqa: E402
+from transformers.exporters import (
     DynamoConfig,
     DynamoExporter,
     ExportedModel,
@@ -28,16 +28,15 @@ from transformers.exporters import (  # noqa: E402
 )
 
 from pcaa_hf import PCAAForSemanticSegmentation, PCAAImageProcessor
-from pcaa_hf import exporting
-from pcaa_hf.exporting import OPENVINO_FLOAT32, export_to_folder, load_exported
-from pcaa_hf.modeling_pcaa import (
+from pcaa_hf.model.modeling_pcaa import (
     adaptive_average_pool,
     build_region_partition,
     cached_region_partition,
     merge_regions,
     split_regions,
 )
-
+from pcaa_hf.publishing import exporting
+from pcaa_hf.publishing.exporting import OPENVINO_FLOAT32, export_to_folder, load_exported
 from pcaa_testing import randomise_weights, small_config
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "export.py"
@@ -107,7 +106,7 @@ def test_dynamic_export_matches_eager_at_every_size_and_reloads(models, name, ba
     model = models[backbone]
     exported = exporter_class().export(model, {"pixel_values": torch.randn(TRACED_SHAPE)}, config_class(dynamic=True))
     if name == "openvino":
-        # By default OpenVINO infers in bfloat16 on CPUs that have it (see pcaa_hf.exporting.OPENVINO_FLOAT32).
+        # By default OpenVINO infers in bfloat16 on CPUs that have it (pcaa_hf.publishing.exporting.OPENVINO_FLOAT32).
         exported.to(config=OPENVINO_FLOAT32)
     assert_matches_eager(model, lambda x: exported(pixel_values=x), CHECKED_SHAPES)
 
@@ -258,8 +257,8 @@ def test_bad_arguments_are_named(model_folder, tmp_path, monkeypatch):
 
 def test_script_exports_checks_and_prints_what_it_did(model_folder, tmp_path):
     output = tmp_path / "exported"
-    arguments = ["--model", model_folder, "--format", "dynamo", "--output-dir", output, "--example-size", "48", "64",
-                 "--check-shapes", "1x40x40", "3x57x71"]
+    arguments = ["--model", model_folder, "--format", "dynamo", "--output_dir", output, "--example_size", "48", "64",
+                 "--check_shapes", "1x40x40", "3x57x71"]
     result = subprocess.run([sys.executable, str(SCRIPT), *map(str, arguments)], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -272,36 +271,41 @@ def test_script_exports_checks_and_prints_what_it_did(model_folder, tmp_path):
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("export_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from pcaa_hf.cli import export
+
+    return export
 
 
 @pytest.mark.parametrize("arguments, message", [
     (["--format", "tflite"], "invalid choice: 'tflite'"),
-    (["--format", "dynamo", "--example-batch-size", "1"], "--example-batch-size must be at least 2 with --dynamic"),
-    (["--format", "dynamo", "--opset-version", "18"], "--opset-version only applies to --format onnx"),
-    (["--format", "dynamo", "--check-shapes", "3x40"], "a shape is BATCHxHEIGHTxWIDTH"),
+    (["--format", "dynamo", "--example_batch_size", "1"], "--example_batch_size must be at least 2 with --dynamic"),
+    (["--format", "dynamo", "--opset_version", "18"], "--opset_version only applies to --format onnx"),
+    (["--format", "dynamo", "--check_shapes", "3x40"], "a shape is BATCHxHEIGHTxWIDTH"),
+    (["--format", "dynamo", "--example-batch-size", "0"], "argument --example_batch_size: expected a positive"),
 ])
 def test_script_refuses_bad_arguments(script, model_folder, tmp_path, capsys, arguments, message):
     with pytest.raises(SystemExit) as exit_info:
-        script.main(["--model", str(model_folder), "--output-dir", str(tmp_path / "out"), *arguments])
+        script.main(["--model", str(model_folder), "--output_dir", str(tmp_path / "out"), *arguments])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_script_names_the_missing_model_folder(script, tmp_path, capsys):
-    assert script.main(["--model", str(tmp_path / "missing"), "--format", "dynamo", "--output-dir",
+    assert script.main(["--model", str(tmp_path / "missing"), "--format", "dynamo", "--output_dir",
                         str(tmp_path / "out")]) == 2
     assert "error: `model`" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_script_parses_static_and_dynamic(script):
-    required = ["--model", "m", "--format", "onnx", "--output-dir", "o"]
+    required = ["--model", "m", "--format", "onnx", "--output_dir", "o"]
     assert script.parse_args(required).dynamic
+    assert script.parse_args([*required, "--dynamic"]).dynamic
     assert not script.parse_args([*required, "--static"]).dynamic
-    assert not script.parse_args([*required, "--no-dynamic"]).dynamic
-    arguments = script.parse_args([*required, "--static", "--example-batch-size", "1", "--opset-version", "18"])
+    assert not script.parse_args([*required, "--no_dynamic"]).dynamic
+    assert not script.parse_args([*required, "--no-dynamic"]).dynamic  # the first spellings, kebab-case, too
+    arguments = script.parse_args([*required, "--static", "--example_batch_size", "1", "--opset_version", "18"])
     assert (arguments.example_batch_size, arguments.opset_version) == (1, 18)
+    arguments = script.parse_args(["--model", "m", "--format", "onnx", "--output-dir", "o", "--example-batch-size",
+                                   "3", "--check-shapes", "1x2x3"])
+    assert (arguments.output_dir, arguments.example_batch_size, arguments.check_shapes) == ("o", 3, [(1, 2, 3)])

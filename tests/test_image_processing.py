@@ -7,10 +7,9 @@ from transformers import AutoImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from pcaa_hf import PCAAForSemanticSegmentation, PCAAImageProcessor
-from pcaa_hf.image_processing_pcaa import keep_ratio_size
-from pcaa_hf.label_sets import CITYSCAPES_ID_TO_TRAIN_ID
-from pcaa_hf.modeling_pcaa import PCAASemanticSegmenterOutput
-
+from pcaa_hf.data.label_sets import CITYSCAPES_ID_TO_TRAIN_ID
+from pcaa_hf.model.image_processing_pcaa import keep_ratio_size
+from pcaa_hf.model.modeling_pcaa import PCAASemanticSegmenterOutput
 from pcaa_testing import small_config
 
 MEAN = np.array([0.485, 0.456, 0.406])

@@ -1,5 +1,6 @@
 """
-Tests of `pcaa_hf.inference`: the paper's whole-image, sliding-window and multi-scale + flip inference.
+Tests of `pcaa_hf.inference.segmentation_inference`: the paper's whole-image, sliding-window and multi-scale + flip
+inference.
 
 Window placement is checked against an independent re-implementation of the authors' `predict_sliding`
 (lsa1997/PCAA utils/pyt_utils.py) / mmsegmentation's `slide_inference`; the logits against references written
@@ -17,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pcaa_hf import PCAAForSemanticSegmentation
-from pcaa_hf.inference import SegmentationInference, scaled_size, sliding_windows
-
+from pcaa_hf.inference.segmentation_inference import SegmentationInference, scaled_size, sliding_windows
 from pcaa_testing import randomise_weights, small_config
 
 
@@ -251,7 +251,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import torch
     import torch.nn.functional as F
 
-    from pcaa_hf.inference import SegmentationInference
+    from pcaa_hf.inference.segmentation_inference import SegmentationInference
 
 
     def peak_rss():
@@ -290,6 +290,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess infers on a 1024x2048 image with 150 classes (over 1 GB more memory)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_sliding_memory_is_bounded_on_a_cityscapes_image_with_150_classes():
     script = [sys.executable, "-c", MEMORY_SCRIPT]

@@ -5,14 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from pcaa_hf import PCAAForSemanticSegmentation
-from pcaa_hf.loss_pcaa import (
+from pcaa_hf.model.loss_pcaa import (
     ohem_cross_entropy,
     pcaa_loss,
     pixel_cross_entropy,
     region_class_fractions,
     region_focal_loss,
 )
-
 from pcaa_testing import small_config
 
 

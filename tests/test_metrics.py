@@ -1,5 +1,5 @@
 """
-Tests for `pcaa_hf.metrics` (`mean_iou`, `ConfusionMatrix`, `summarise_confusion`) and the offline `evaluate`
+Tests for `pcaa_hf.evaluation.metrics` (`mean_iou`, `ConfusionMatrix`, `summarise_confusion`) and the offline `evaluate`
 module `pcaa_hf/evaluate_module/mean_iou.py`.
 
 `reference_mean_iou` below is an independent, deliberately plain re-statement of the conventions of Hugging Face
@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pcaa_hf.metrics import EVALUATE_MODULE, METRIC_KEYS, ConfusionMatrix, mean_iou, summarise_confusion
+from pcaa_hf.evaluation.metrics import EVALUATE_MODULE, METRIC_KEYS, ConfusionMatrix, mean_iou, summarise_confusion
 
 KEYS = ("mean_iou", "mean_accuracy", "overall_accuracy", "per_category_iou", "per_category_accuracy")
 ARRAY_KEYS = ("per_category_iou", "per_category_accuracy")
@@ -404,7 +404,7 @@ def test_many_out_of_range_values_are_summarised(num_bad, tail):
 def test_shape_mismatch_raises_naming_the_index():
     maps = [np.zeros((4, 5), dtype=np.uint8)] * 3
     with pytest.raises(ValueError, match=r"predictions\[2\] has shape \(4, 5\) but references\[2\] has shape \(5, 4\)"):
-        mean_iou(maps, maps[:2] + [np.zeros((5, 4), dtype=np.uint8)], num_labels=2, ignore_index=255)
+        mean_iou(maps, [*maps[:2], np.zeros((5, 4), dtype=np.uint8)], num_labels=2, ignore_index=255)
 
 
 def test_list_length_errors():

@@ -13,13 +13,20 @@ import torch
 import torch.nn.functional as F
 
 from pcaa_hf import PCAAForSemanticSegmentation
-from pcaa_hf.convert_original import import_original
-from pcaa_hf.inference import sliding_windows
-from pcaa_hf.model_benchmarking import (
-    ModelCase, PeakTensorMemory, authors_model_builder, benchmark_model_case, benchmark_sliding_window,
-    bfloat16_agreement, matmul_throughput, matrix_product, model_cases, target_checks,
+from pcaa_hf.benchmarks.model_speed import (
+    ModelCase,
+    PeakTensorMemory,
+    authors_model_builder,
+    benchmark_model_case,
+    benchmark_sliding_window,
+    bfloat16_agreement,
+    matmul_throughput,
+    matrix_product,
+    model_cases,
+    target_checks,
 )
-
+from pcaa_hf.conversion.original_checkpoints import import_original
+from pcaa_hf.inference.segmentation_inference import sliding_windows
 from pcaa_testing import small_config
 
 CPU = torch.device("cpu")
@@ -69,6 +76,11 @@ def test_model_cases_cover_the_matrix_and_inference_ignores_checkpointing():
     assert not any(case.checkpointing for case in cases if case.task == "inference")
     assert len(set(cases)) == len(cases)
     assert cases[0].label() == "inference R50 512x512 batch 1 float32"
+    fast_path_ab = model_cases(["inference", "training"], [50], [512], [1], ["float32"], [False], [False], [False],
+                               [True, False])
+    assert [case.label() for case in fast_path_ab] == [
+        "inference R50 512x512 batch 1 float32", "inference R50 512x512 batch 1 float32 no_cpu_fast_path",
+        "training R50 512x512 batch 1 float32"]  # an inference path: training runs it never
     assert ModelCase("training", 101, 768, 2, "bfloat16", True, True, True).label() == (
         "training R101 768x768 batch 2 bfloat16 channels_last checkpointing compile")
 
@@ -172,7 +184,7 @@ def test_benchmark_script_measures_a_small_matrix(tmp_path):
     environment = {name: value for name, value in os.environ.items() if name != "THP_MEM_ALLOC_ENABLE"}
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--sections", "limit", "model", "--tasks", "inference", "training",
-         "--depths", "18", "--sizes", "64", "--batch-sizes", "2", "--dtypes", "float32", "bfloat16",
+         "--depths", "18", "--sizes", "64", "--batch_sizes", "2", "--dtypes", "float32", "bfloat16",
          "--checkpointing", "off", "on", "--channels-last", "off", "--calls", "1", "--output", str(output)],
         capture_output=True, text=True, timeout=600, env=environment)
     assert result.returncode == 0, result.stderr

@@ -5,11 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from pcaa_hf import PCAAForSemanticSegmentation, PCAAImageProcessor
-from pcaa_hf.inference import SegmentationInference
-from pcaa_hf.modeling_pcaa import PCAAModule
-from pcaa_hf.backbone_pcaa import PCAABasicBlock, PCAABottleneck
-from pcaa_hf.configuration_pcaa import PCAAConfig
-
+from pcaa_hf.inference.segmentation_inference import SegmentationInference
+from pcaa_hf.model.backbone_pcaa import PCAABasicBlock, PCAABottleneck
+from pcaa_hf.model.configuration_pcaa import PCAAConfig
+from pcaa_hf.model.modeling_pcaa import PCAAModule
 from pcaa_testing import randomise_weights, small_config
 
 
@@ -112,7 +111,7 @@ def reference_pcaa_module(module, features):
     attended = torch.zeros(batch, channels // 2, height, width)
     for b in range(batch):
         value = module.value(global_centres[b])
-        for n, (i, j, (r0, r1), (c0, c1)) in enumerate(regions):
+        for n, (_, _, (r0, r1), (c0, c1)) in enumerate(regions):
             pixels = features[b, :, r0:r1, c0:c1].reshape(channels, -1).T
             if pixels.shape[0] == 0:
                 continue

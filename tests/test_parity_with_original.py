@@ -1,7 +1,8 @@
 """Parity with the authors' code, run when a checkout of GitHub lsa1997/PCAA is named by PCAA_ORIGINAL_REPO.
 
 The authors' code is not part of this project and cannot be downloaded in CI, so this test is skipped there; see
-README.md ("Parity with the authors' code") for the figures and how to reproduce them.
+README.md ("Parity with the authors' code") for the figures and how to reproduce them. The comparison runs in this
+process (pcaa_hf.conversion.parity); the command, `pcaa-compare-with-original`, once in a subprocess.
 """
 
 import os
@@ -10,22 +11,46 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ORIGINAL = os.environ.get("PCAA_ORIGINAL_REPO")
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_with_original.py"
+needs_the_authors_code = pytest.mark.skipif(not ORIGINAL, reason="set PCAA_ORIGINAL_REPO to a checkout of "
+                                                                  "lsa1997/PCAA")
 
 
-@pytest.mark.skipif(not ORIGINAL, reason="set PCAA_ORIGINAL_REPO to a checkout of lsa1997/PCAA")
+@needs_the_authors_code
 def test_logits_region_scores_and_losses_match_the_authors_code():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--original", ORIGINAL, "--tolerance", "1e-6"],
-                            capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "PASS" in result.stdout
+    from pcaa_hf.conversion.parity import CONFIGURATIONS, ParityCheck
+
+    check = ParityCheck(ORIGINAL, tolerance=1e-6)
+    rows = check.run()
+    assert {row.configuration for row in rows} == set(CONFIGURATIONS)
+    assert {"logits", "region_class_scores[0]", "segmentation_loss", "region_loss", "loss"} <= {
+        row.output for row in rows}
+    assert not [row for row in rows if row.failed], check.summary(rows)
+    assert all(row.our_rounding is None for row in rows)  # float64: errors against each other only
+    assert check.summary(rows).startswith("PASS: largest relative error")
 
 
-@pytest.mark.skipif(not ORIGINAL, reason="set PCAA_ORIGINAL_REPO to a checkout of lsa1997/PCAA")
+@needs_the_authors_code
 def test_float32_rounding_error_is_no_worse_than_the_authors():
+    """The command itself: its report and exit status."""
     result = subprocess.run([sys.executable, str(SCRIPT), "--original", ORIGINAL, "--dtype", "float32",
                              "--configs", "r50-cityscapes"], capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "against float64: ours" in result.stdout and "PASS" in result.stdout
+
+
+@needs_the_authors_code
+def test_a_failed_comparison_is_named_in_the_verdict():
+    from pcaa_hf.conversion.parity import ParityCheck, ParityRow
+
+    check = ParityCheck(ORIGINAL, dtype=torch.float32)
+    rows = [ParityRow("r50-cityscapes", "logits", 0.1, 1.0, 1e-3, 1e-4, check.failed(0.1, 1e-3, 1e-4)),
+            ParityRow("r50-cityscapes", "loss", 0.1, 1.0, 1e-4, 1e-4, check.failed(0.1, 1e-4, 1e-4)),
+            ParityRow("r50-cityscapes", "region_loss", 0.0, 1.0, 0.0, 0.0, check.failed(0.0, 0.0, 0.0))]
+    assert [row.failed for row in rows] == [True, False, False]  # 10x theirs fails; rounding both exactly passes
+    assert check.summary(rows) == ("FAIL: our rounding error at most 4x the authors' (+1e-6); failed: "
+                                   "r50-cityscapes logits")
+    assert ParityCheck(ORIGINAL).failed(float("nan"), None, None)

@@ -18,35 +18,21 @@ from transformers.utils import hub as transformers_hub
 from transformers.utils import logging as transformers_logging
 
 from pcaa_hf import PCAAForSemanticSegmentation, PCAAImageProcessor, PCAASegmentationPipeline
+from pcaa_hf.model import REMOTE_CODE_FILES
+from pcaa_testing import SMALL_PCAA_LABELS, small_config, small_labelled_model
 
-from pcaa_testing import randomise_weights, small_config
-
-NAMES = ["road", "sky", "car", "person", "tree"]
-CODE_FILES = {"backbone_pcaa.py", "configuration_pcaa.py", "loss_pcaa.py", "modeling_pcaa.py"}
-
-
-def labelled_config():
-    return small_config(id2label=dict(enumerate(NAMES)), label2id={n: i for i, n in enumerate(NAMES)})
+NAMES = list(SMALL_PCAA_LABELS)
 
 
 @pytest.fixture
 def model_and_processor():
-    model = randomise_weights(PCAAForSemanticSegmentation(labelled_config()), seed=3).eval()
-    return model, PCAAImageProcessor()
+    """The model and processor saved in the session fixture `small_pcaa_folder`, in memory (tests may change them)."""
+    return small_labelled_model(), PCAAImageProcessor()
 
 
 @pytest.fixture
 def image():
     return PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (61, 83, 3), dtype=np.uint8))
-
-
-@pytest.fixture
-def saved_folder(tmp_path, model_and_processor):
-    model, processor = model_and_processor
-    folder = tmp_path / "pcaa-model"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 def expected_class_map(model, processor, image):
@@ -86,8 +72,8 @@ def transformers_log():
     root.removeHandler(handler)
 
 
-def test_pipeline_from_a_folder(saved_folder, model_and_processor, image, transformers_log):
-    segmenter = pipeline("image-segmentation", model=str(saved_folder))
+def test_pipeline_from_a_folder(small_pcaa_folder, model_and_processor, image, transformers_log):
+    segmenter = pipeline("image-segmentation", model=str(small_pcaa_folder))
     assert isinstance(segmenter.model, PCAAForSemanticSegmentation) and not segmenter.model.training
     assert isinstance(segmenter.image_processor, PCAAImageProcessor)
     result = segmenter(image)
@@ -134,7 +120,7 @@ def test_a_model_left_in_training_mode_is_reported(model_and_processor, image):
     model, processor = model_and_processor
     handler = Records()
     logging.getLogger("pcaa_hf").addHandler(handler)
-    transformers_logging.get_logger("pcaa_hf.modeling_pcaa").warning_once.cache_clear()
+    transformers_logging.get_logger("pcaa_hf.model.modeling_pcaa").warning_once.cache_clear()
     try:
         pipeline("image-segmentation", model=model.train(), image_processor=processor)(image)
     finally:
@@ -142,17 +128,16 @@ def test_a_model_left_in_training_mode_is_reported(model_and_processor, image):
     assert any("Call model.eval()" in message for message in handler.messages)
 
 
-def test_saved_folder_carries_code_and_auto_map(saved_folder):
-    names = {p.name for p in saved_folder.iterdir()}
-    assert CODE_FILES | {"image_processing_pcaa.py", "config.json", "preprocessor_config.json",
-                         "model.safetensors"} == names
-    config = json.loads((saved_folder / "config.json").read_text())
+def test_saved_folder_carries_code_and_auto_map(small_pcaa_folder):
+    names = {p.name for p in small_pcaa_folder.iterdir()}
+    assert set(REMOTE_CODE_FILES) | {"config.json", "preprocessor_config.json", "model.safetensors"} == names
+    config = json.loads((small_pcaa_folder / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_pcaa.PCAAConfig",
                                   "AutoModelForSemanticSegmentation": "modeling_pcaa.PCAAForSemanticSegmentation"}
-    preprocessor = json.loads((saved_folder / "preprocessor_config.json").read_text())
+    preprocessor = json.loads((small_pcaa_folder / "preprocessor_config.json").read_text())
     assert preprocessor["auto_map"] == {"AutoImageProcessor": "image_processing_pcaa.PCAAImageProcessor"}
-    assert type(AutoImageProcessor.from_pretrained(saved_folder)) is PCAAImageProcessor
-    assert type(AutoModelForSemanticSegmentation.from_pretrained(saved_folder)) is PCAAForSemanticSegmentation
+    assert type(AutoImageProcessor.from_pretrained(small_pcaa_folder)) is PCAAImageProcessor
+    assert type(AutoModelForSemanticSegmentation.from_pretrained(small_pcaa_folder)) is PCAAForSemanticSegmentation
 
 
 REMOTE_SCRIPT = textwrap.dedent(
@@ -198,12 +183,12 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_remote_code_loads_without_the_package(saved_folder, model_and_processor, image, tmp_path):
+def test_remote_code_loads_without_the_package(small_pcaa_folder, model_and_processor, image, tmp_path):
     image_path = tmp_path / "image.png"
     image.save(image_path)
     environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"),
                        HF_HUB_DISABLE_PROGRESS_BARS="1")
-    completed = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(saved_folder), str(image_path)],
+    completed = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(small_pcaa_folder), str(image_path)],
                                capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=600)
     assert completed.returncode == 0, completed.stderr
     report = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -256,8 +241,8 @@ def test_push_to_hub_uploads_safetensors_configs_and_code_only(fake_hub, model_a
     model.push_to_hub("someone/pcaa-test", commit_message="Upload PCAA")
     processor.push_to_hub("someone/pcaa-test")
     uploaded = fake_hub.repos["someone/pcaa-test"]
-    assert set(uploaded) == CODE_FILES | {"image_processing_pcaa.py", "config.json", "preprocessor_config.json",
-                                          "model.safetensors", "README.md"}
+    assert set(uploaded) == set(REMOTE_CODE_FILES) | {"config.json", "preprocessor_config.json", "model.safetensors",
+                                                      "README.md"}
     assert not [name for name in uploaded if name.endswith((".bin", ".pt", ".pth", ".pkl"))]
 
     remote = tmp_path / "remote"

@@ -1,8 +1,9 @@
-"""scripts/predict.py end to end on a tiny saved model: its files, agreement with in-process inference, clear errors."""
+"""`pcaa-predict` (scripts/predict.py) end to end on a tiny saved model: its files, agreement with in-process
+inference, clear errors; and the library behind it, pcaa_hf.inference.prediction."""
 
-import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,12 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 from pcaa_hf import PCAAForSemanticSegmentation, PCAAImageProcessor
-from pcaa_hf.inference import SegmentationInference
-from pcaa_hf.label_sets import label_maps
-from pcaa_hf.synthetic import street_scene
-from pcaa_hf.visualisation import heatmap, heatmap_overlay, partial_class_activations
-
+from pcaa_hf.cli.predict import main
+from pcaa_hf.data.label_sets import label_maps
+from pcaa_hf.data.synthetic import street_scene
+from pcaa_hf.inference.prediction import PredictionError, Predictor, find_images, resolve_classes
+from pcaa_hf.inference.segmentation_inference import SegmentationInference
+from pcaa_hf.inference.visualisation import heatmap, heatmap_overlay, partial_class_activations
 from pcaa_testing import small_config
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "predict.py"
@@ -76,11 +78,12 @@ def runs(workspace):
     """
     images, model = workspace / "images", workspace / "model"
     processes = {
+        # The first spellings (kebab-case) are accepted beside the snake_case ones.
         "whole": start_predict(model, images, "--output-dir", workspace / "whole", "--skip-invalid"),
-        "slide": start_predict(model, images / "street.png", images / "sub" / "grey.png", "--output-dir",
-                               workspace / "slide", "--mode", "slide", "--crop-size", 32, 48, "--stride", 16, 32,
+        "slide": start_predict(model, images / "street.png", images / "sub" / "grey.png", "--output_dir",
+                               workspace / "slide", "--mode", "slide", "--crop_size", 32, 48, "--stride", 16, 32,
                                "--cams", "--alpha", 1),
-        "unreadable": start_predict(model, images / "broken.png", "--output-dir", workspace / "unreadable"),
+        "unreadable": start_predict(model, images / "broken.png", "--output_dir", workspace / "unreadable"),
     }
     return {name: finish(process) for name, process in processes.items()}
 
@@ -117,14 +120,6 @@ def error_line(returncode, stderr):
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, stderr
     return errors[0]
-
-
-def load_script():
-    """scripts/predict.py as a module, to call its main() without paying for a fresh interpreter's imports."""
-    specification = importlib.util.spec_from_file_location("predict_script", SCRIPT)
-    module = importlib.util.module_from_spec(specification)
-    specification.loader.exec_module(module)
-    return module
 
 
 def test_whole_mode_writes_masks_and_overlays_of_a_folder(workspace, reference, runs):
@@ -195,26 +190,58 @@ def test_mistakes_give_one_clear_line_and_no_traceback(workspace, runs, capsys):
     assert "broken.png" in error_line(unreadable.returncode, unreadable.stderr)
 
     # The next two fail before any image is read: main() in this process says the same as a fresh interpreter.
-    main = load_script().main
-    returncode = main([str(workspace / "no-such-model"), str(images / "street.png"), "--output-dir", str(output)])
+    returncode = main([str(workspace / "no-such-model"), str(images / "street.png"), "--output_dir", str(output)])
     missing = error_line(returncode, capsys.readouterr().err)
     assert "no-such-model" in missing and "does not exist" in missing
 
-    returncode = main([str(workspace / "model"), str(images / "street.png"), "--output-dir", str(output), "--cams",
-                       "--cam-classes", "car", "unicorn"])
+    returncode = main([str(workspace / "model"), str(images / "street.png"), "--output_dir", str(output), "--cams",
+                       "--cam_classes", "car", "unicorn"])
     unknown = error_line(returncode, capsys.readouterr().err)
-    assert "--cam-classes" in unknown and "'unicorn'" in unknown and "traffic light" in unknown
+    assert "--cam_classes" in unknown and "'unicorn'" in unknown and "traffic light" in unknown
 
 
 def test_cam_classes_match_names_loosely_or_ids_and_output_clashes_are_refused(workspace, tmp_path, capsys):
-    script = load_script()
     id2label = dict(enumerate(CLASSES))
-    assert script.resolve_classes(["Traffic_Light", "4", "traffic light", "sky"], id2label) == [1, 4, 2]
+    assert resolve_classes(["Traffic_Light", "4", "traffic light", "sky"], id2label) == [1, 4, 2]
+    with pytest.raises(PredictionError, match="no class 'unicorn'.*traffic light"):
+        resolve_classes(["unicorn"], id2label)
 
     copy = tmp_path / "elsewhere" / "street.png"
     copy.parent.mkdir()
     copy.write_bytes((workspace / "images" / "street.png").read_bytes())
-    returncode = script.main([str(workspace / "model"), str(workspace / "images" / "street.png"), str(copy),
-                              "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(PredictionError, match="would both write"):
+        find_images([workspace / "images" / "street.png", copy], tmp_path / "out")
+    returncode = main([str(workspace / "model"), str(workspace / "images" / "street.png"), str(copy),
+                       "--output_dir", str(tmp_path / "out")])
     clash = error_line(returncode, capsys.readouterr().err)
     assert str(copy) in clash and "street_mask.png" in clash
+
+
+def test_find_images_names_outputs_by_their_path_below_the_folder_and_skips_earlier_outputs(workspace, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(workspace / "images", images)
+    output = images / "outputs"  # a folder searched for inputs that also holds earlier outputs
+    output.mkdir()
+    shutil.copy(images / "street.png", output / "street_mask.png")
+    found = find_images([images], output)
+    assert [(path.relative_to(images), name) for path, name in found] == [
+        (Path("broken.png"), Path("broken")), (Path("street.png"), Path("street")),
+        (Path("sub/grey.png"), Path("sub/grey"))]
+    with pytest.raises(PredictionError, match="does not exist"):
+        find_images([tmp_path / "missing.png"], tmp_path)
+    (images / "empty").mkdir()
+    with pytest.raises(PredictionError, match="holds no images"):
+        find_images([images / "empty"], output)
+
+
+def test_predictor_writes_what_the_command_writes(workspace, reference, runs, tmp_path):
+    """The library call behind the command: the same mask from a Predictor in this process."""
+    model, processor = reference
+    predictor = Predictor(model, processor, SegmentationInference(mode="whole"), tmp_path)
+    with torch.inference_mode():
+        written = predictor.write(workspace / "images" / "street.png", Path("street"))
+    assert [path.name for path in written] == ["street_mask.png", "street_overlay.png"]
+    with Image.open(written[0]) as ours, Image.open(workspace / "whole" / "street_mask.png") as command:
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(command))
+    with pytest.raises(PredictionError, match="broken.png"):
+        predictor.write(workspace / "images" / "broken.png", Path("broken"))

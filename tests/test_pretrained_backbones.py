@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from pcaa_hf import PCAAForSemanticSegmentation
-from pcaa_hf.convert_original import CheckpointMismatchError
-from pcaa_hf.pretrained_backbones import load_pretrained_backbone, save_backbone_safetensors
-
+from pcaa_hf.conversion.openmmlab_backbones import load_pretrained_backbone, save_backbone_safetensors
+from pcaa_hf.conversion.original_checkpoints import CheckpointMismatchError
 from pcaa_testing import small_config
 
 # ResNet layouts as open-mmlab's ResNetV1c defines them: (blocks per stage, bottleneck?).
@@ -97,17 +96,12 @@ def test_wrong_depth_and_missing_batch_counters(tmp_path):
 
 
 def test_conversion_script_and_training_argument(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    from pcaa_hf.training import TrainingArguments, build_model
+    from pcaa_hf.cli import convert_backbone as module
+    from pcaa_hf.training.arguments import TrainingArguments
+    from pcaa_hf.training.trainer import build_model
 
     state = openmmlab_state_dict(18)
     torch.save(state, tmp_path / "resnet18_v1c.pth")
-    script = Path(__file__).resolve().parents[1] / "scripts" / "convert_openmmlab_backbone.py"
-    spec = importlib.util.spec_from_file_location("convert_openmmlab_backbone", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     output = tmp_path / "r18.safetensors"
     assert module.main(["--checkpoint", str(tmp_path / "resnet18_v1c.pth"), "--depth", "18",
                         "--output", str(output)]) == 0

@@ -9,9 +9,10 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 
-from pcaa_hf import PCAAForSemanticSegmentation, PCAAImageProcessor, publishing
-from pcaa_hf.publishing import HubPublisher, default_template, render_model_card, write_export
-
+from pcaa_hf import PCAAForSemanticSegmentation, PCAAImageProcessor
+from pcaa_hf.publishing import model_cards
+from pcaa_hf.publishing.hub import HubPublisher, write_export
+from pcaa_hf.publishing.model_cards import default_template, render_model_card
 from pcaa_testing import randomise_weights, small_config
 
 NAMES = ["road", "sky", "car", "person", "tree"]
@@ -56,7 +57,7 @@ def real_data(dataset_type):
 
 
 def render(template, settings, data, metrics=None, evaluation=EVALUATION):
-    return render_model_card(publishing.MODEL_CARDS_FOLDER / template, repo_id=REPO_ID,
+    return render_model_card(model_cards.MODEL_CARDS_FOLDER / template, repo_id=REPO_ID,
                              config=small_config(num_labels=len(NAMES), **settings), id2label=ID2LABEL,
                              metrics=metrics, evaluation=evaluation, recipe=RECIPE, data=data, training=TRAINING)
 
@@ -189,9 +190,9 @@ def test_default_template_picks_the_paper_settings_or_the_generic_card():
     assert chosen("cityscapes", backbone_depth=50, bins=[(2, 2), (4, 4)]) == "pcaa_generic.md"
 
 
-def test_default_template_asks_for_a_path_without_the_repository(monkeypatch, tmp_path):
-    monkeypatch.setattr(publishing, "MODEL_CARDS_FOLDER", tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="Pass the path of a template"):
+def test_default_template_names_a_missing_template_and_asks_for_a_path(monkeypatch, tmp_path):
+    monkeypatch.setattr(model_cards, "MODEL_CARDS_FOLDER", tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="pass the path of a template"):
         default_template(small_config(), "cityscapes")
 
 
@@ -291,7 +292,7 @@ def test_a_failing_upload_is_retried_then_kept_pending_without_raising(local_exp
     waits = []
     publisher = HubPublisher(REPO_ID, api=api, attempts=3, wait_seconds=2.0, sleep=waits.append)
     before = snapshot(local_export)
-    with caplog.at_level(logging.WARNING, logger="pcaa_hf.publishing"):
+    with caplog.at_level(logging.WARNING, logger="pcaa_hf.publishing.hub"):
         assert publisher.push(local_export, "step 100") is False
     assert api.upload_attempts == 3 and waits == [2.0, 4.0]
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
@@ -343,7 +344,7 @@ def test_a_pending_upload_of_a_deleted_folder_is_dropped(local_export, caplog):
         path.unlink()
     local_export.rmdir()
     api.error = None
-    with caplog.at_level(logging.WARNING, logger="pcaa_hf.publishing"):
+    with caplog.at_level(logging.WARNING, logger="pcaa_hf.publishing.hub"):
         assert publisher.retry_pending() == []
     assert api.upload_attempts == 1 and publisher.pending == {}
     assert any("no longer exists" in record.getMessage() for record in caplog.records)

@@ -6,7 +6,6 @@ from safetensors import safe_open
 from transformers import AutoModelForSemanticSegmentation
 
 from pcaa_hf import PCAAForSemanticSegmentation
-
 from pcaa_testing import randomise_weights, small_config
 
 
@@ -33,10 +32,9 @@ def test_save_pretrained_round_trip_is_exact(tmp_path):
     assert type(auto) is PCAAForSemanticSegmentation
 
 
-def test_fine_tuning_with_another_label_set_reinitialises_the_classifiers(tmp_path):
-    randomise_weights(PCAAForSemanticSegmentation(small_config())).save_pretrained(tmp_path)
-    model, info = PCAAForSemanticSegmentation.from_pretrained(
-        tmp_path, num_labels=3, ignore_mismatched_sizes=True, output_loading_info=True
+def test_fine_tuning_with_another_label_set_reinitialises_the_classifiers(small_pcaa_folder):
+    model, info = PCAAForSemanticSegmentation.from_pretrained(  # saved with 5 labels
+        small_pcaa_folder, num_labels=3, ignore_mismatched_sizes=True, output_loading_info=True
     )
     mismatched = {key for key, *_ in info["mismatched_keys"]}
     assert {"decode_head.classifier.weight", "auxiliary_head.classifier.weight",

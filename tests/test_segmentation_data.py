@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pcaa_hf import segmentation_data
-from pcaa_hf.label_sets import ADE20K_LABELS, CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_LABELS
-from pcaa_hf.segmentation_data import (
+from pcaa_hf.data import builders as segmentation_data
+from pcaa_hf.data.builders import (
     InvalidSampleError,
     build_ade20k,
     build_cityscapes,
     label_names,
     load_segmentation_dataset,
 )
-from pcaa_hf.synthetic import write_ade20k_tree, write_cityscapes_tree
+from pcaa_hf.data.label_sets import ADE20K_LABELS, CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_LABELS
+from pcaa_hf.data.synthetic import write_ade20k_tree, write_cityscapes_tree
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_any_dataset_through_load_dataset(cityscapes_root, tmp_path):
     renamed = built.rename_columns({"image": "pixel_values", "label": "annotation"})
     renamed.save_to_disk(tmp_path / "saved")
     loaded = load_segmentation_dataset(tmp_path / "saved", image_column="pixel_values", label_column="annotation",
-                                       id2label={i: n for i, n in enumerate(CITYSCAPES_LABELS)})
+                                       id2label=dict(enumerate(CITYSCAPES_LABELS)))
     assert loaded["train"].column_names == ["image", "label"]
     assert np.array_equal(np.asarray(loaded["train"][1]["label"]), np.asarray(built["train"][1]["label"]))
     assert label_names(loaded)[18] == "bicycle"
@@ -181,8 +181,9 @@ def test_generator_scripts_write_the_real_layouts(tmp_path):
     subprocess.run([sys.executable, str(scripts / "make_synthetic_cityscapes.py"), "--output", str(tmp_path / "cs"),
                     "--num-train", "3", "--num-val", "2", "--size", "96", "48", "--seed", "5"], check=True,
                    capture_output=True)
+    # The first spellings (--num-train, which other tools pass) and the snake_case ones are one option.
     subprocess.run([sys.executable, str(scripts / "make_synthetic_ade20k.py"), "--output", str(tmp_path / "ade"),
-                    "--num-train", "2", "--num-val", "1", "--size", "64", "48"], check=True, capture_output=True)
+                    "--num_train", "2", "--num-val", "1", "--size", "64", "48"], check=True, capture_output=True)
     cityscapes = build_cityscapes(tmp_path / "cs", cache_dir=tmp_path / "cache")
     assert [len(cityscapes[s]) for s in ("train", "validation")] == [3, 2]
     frame = np.asarray(cityscapes["train"][0]["image"])

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as multiprocessing
 from torch import nn
 
-from pcaa_hf.sync_batch_norm import CPUSyncBatchNorm2d, convert_sync_batch_norm
+from pcaa_hf.training.sync_batch_norm import CPUSyncBatchNorm2d, convert_sync_batch_norm
 
 
 def whole_batch_reference(inputs, weight, bias):

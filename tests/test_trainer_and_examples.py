@@ -7,8 +7,9 @@ them (a transformers checkout, or its `examples/pytorch/semantic-segmentation` f
 They also need `albumentations`. The scripts run unmodified in a subprocess, through a small wrapper that
 - answers `huggingface_hub.hf_hub_download(<data set folder>, "id2label.json")` with the data set folder's own file
   (the scripts fetch the label names from the data set's Hub repository);
-- sends `evaluate.load("mean_iou")` to pcaa_hf's offline copy of the metric (`pcaa_hf.metrics.EVALUATE_MODULE`),
-  importing only the metric's modules of pcaa_hf, so that PCAA itself comes from the saved folder's code;
+- sends `evaluate.load("mean_iou")` to pcaa_hf's offline copy of the metric
+  (`pcaa_hf.evaluation.metrics.EVALUATE_MODULE`), importing only the metric's modules of pcaa_hf, so that PCAA itself
+  comes from the saved folder's code;
 and runs with `HF_HUB_OFFLINE=1` and a private `HF_HOME`, so nothing is downloaded and no cache is shared.
 """
 
@@ -31,10 +32,9 @@ from PIL import Image
 from transformers import AutoModelForSemanticSegmentation, Trainer, TrainingArguments
 
 from pcaa_hf import PCAAForSemanticSegmentation, PCAAImageProcessor
-from pcaa_hf.evaluation import evaluate_segmentation
-from pcaa_hf.metrics import EVALUATE_MODULE, mean_iou
-from pcaa_hf.synthetic import CITYSCAPES_SCENE_COLOURS, street_scene
-
+from pcaa_hf.data.synthetic import CITYSCAPES_SCENE_COLOURS, street_scene
+from pcaa_hf.evaluation.metrics import EVALUATE_MODULE, mean_iou
+from pcaa_hf.evaluation.scoring import evaluate_segmentation
 from pcaa_testing import small_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -174,8 +174,8 @@ WRAPPER = textwrap.dedent('''
     import evaluate
     import huggingface_hub
 
-    # The offline metric imports pcaa_hf.metrics. Importing the pcaa_hf package itself would register its classes with
-    # the Auto classes, and transformers then prefers those to the model folder's own code even with
+    # The offline metric imports pcaa_hf.evaluation.metrics. Importing the pcaa_hf package itself would register its
+    # classes with the Auto classes, and transformers then prefers those to the model folder's own code even with
     # trust_remote_code=True. A bare package object gives the metric its modules without that side effect, so that
     # PCAA comes from the saved folder through trust_remote_code, as for any user of the scripts.
     package = types.ModuleType("pcaa_hf")
@@ -277,6 +277,7 @@ def check_saved_model(output_dir, inputs):
     assert not torch.equal(trained_weight, initial.decode_head.classifier.weight), "no training step was taken"
 
 
+@pytest.mark.slow  # the script trains and evaluates in a fresh interpreter
 def test_run_semantic_segmentation_example(example_scripts, example_inputs, tmp_path):
     output_dir = tmp_path / "output"
     run_example(example_scripts / "run_semantic_segmentation.py", [
@@ -292,6 +293,7 @@ def test_run_semantic_segmentation_example(example_scripts, example_inputs, tmp_
     check_saved_model(output_dir, example_inputs)
 
 
+@pytest.mark.slow  # the script trains and evaluates in a fresh interpreter
 def test_run_semantic_segmentation_no_trainer_example(example_scripts, example_inputs, tmp_path):
     output_dir = tmp_path / "output"
     run_example(example_scripts / "run_semantic_segmentation_no_trainer.py", [

@@ -1,6 +1,8 @@
 """Training: deterministic batches, the poly schedule, atomic checkpoints, exact resume after SIGKILL, SyncBatchNorm on
-CPU processes, and a two-process `accelerate launch` run."""
+CPU processes, a two-process `accelerate launch` run, and `pcaa-train`'s command line (the fields of
+`TrainingArguments`, the recipes)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,12 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pcaa_hf.synthetic import write_cityscapes_tree
-from pcaa_hf.training import TRAINER_STATE, TrainingArguments, epoch_batches, poly_schedule, resolve_checkpoint
-
+from pcaa_hf.cli.train import build_parser
+from pcaa_hf.cli.train import main as train_main
+from pcaa_hf.data.synthetic import write_cityscapes_tree
+from pcaa_hf.training.arguments import TrainingArguments
+from pcaa_hf.training.trainer import TRAINER_STATE, epoch_batches, poly_schedule, resolve_checkpoint
 from pcaa_testing import two_cpu_processes_launcher
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+RECIPES = SCRIPT.parent / "recipes"
+REQUIRED = ["--dataset_type", "cityscapes", "--data", "d", "--output_dir", "o"]
 
 
 @pytest.mark.parametrize("num_processes", [1, 2, 3])
@@ -54,6 +60,100 @@ def test_arguments_are_checked_by_name():
     with pytest.raises(ValueError, match="pretrained_backbone and model_name_or_path"):
         TrainingArguments(output_dir="x", dataset_type="cityscapes", data="d", pretrained_backbone="r50.pth",
                           model_name_or_path="pcaa-r50")
+
+
+def parse(*arguments):
+    (args,) = build_parser().parse_into_dataclasses(list(arguments))
+    return args
+
+
+def test_the_command_line_is_the_dataclass_with_its_defaults():
+    assert parse(*REQUIRED) == TrainingArguments(dataset_type="cityscapes", data="d", output_dir="o")
+    parser = build_parser()
+    options = {action.dest: action for action in parser._actions if action.dest != "help"}
+    assert list(options) == [field.name for field in dataclasses.fields(TrainingArguments)]
+    for field in dataclasses.fields(TrainingArguments):
+        assert options[field.name].help, f"--{field.name} has no help"
+        assert options[field.name].option_strings == [f"--{field.name}"]  # one spelling shown: the snake_case one
+
+
+@pytest.mark.parametrize("recipe, expected", [
+    ("cityscapes_r50.args", dict(dataset_type="cityscapes", backbone_depth=50, multi_grid=False,
+                                 per_device_train_batch_size=2, eval_mode="slide", eval_steps=5000,
+                                 checkpointing_steps=2000, base_size=[2048, 1024], crop_size=[768, 768],
+                                 eval_crop_size=[768, 768])),
+    ("cityscapes_r101.args", dict(dataset_type="cityscapes", backbone_depth=101, multi_grid=False,
+                                  per_device_train_batch_size=2, eval_mode="slide", eval_steps=5000,
+                                  checkpointing_steps=2000, base_size=[2048, 1024], crop_size=[768, 768],
+                                  eval_crop_size=[768, 768])),
+    ("ade20k_r101.args", dict(dataset_type="ade20k", backbone_depth=101, multi_grid=True,
+                              per_device_train_batch_size=4, eval_mode="whole", eval_steps=10000,
+                              checkpointing_steps=5000, base_size=[2048, 512], crop_size=[512, 512],
+                              max_train_steps=150000)),
+])
+def test_every_recipe_parses_to_the_papers_settings(recipe, expected):
+    args = parse(f"@{RECIPES / recipe}", "--data", "d", "--output_dir", "o")
+    common = dict(output_stride=8, bins=[(4, 4)], learning_rate=0.01, momentum=0.9, weight_decay=1e-4,
+                  poly_power=0.9, max_train_steps=60000, eval_crop_size=(768, 768), data="d", output_dir="o")
+    assert dataclasses.asdict(args) == dataclasses.asdict(TrainingArguments(**{**common, **expected}))
+    assert sorted(path.name for path in RECIPES.glob("*.args")) == ["ade20k_r101.args", "cityscapes_r101.args",
+                                                                    "cityscapes_r50.args"]
+
+
+def test_options_take_their_values_in_either_spelling():
+    args = parse(*REQUIRED, "--bins", "2x2", "4x4", "--base_size", "1024", "512", "--multi_grid", "--use-ohem",
+                 "--eval-stride", "256", "384", "--push_to_hub", "false", "--per-device-train-batch-size", "3",
+                 "--mixed_precision", "bf16", "--resume_from", "latest")
+    assert args.bins == [(2, 2), (4, 4)] and args.base_size == [1024, 512] and args.eval_stride == [256, 384]
+    assert args.multi_grid and args.use_ohem and not args.push_to_hub and not args.gradient_checkpointing
+    assert (args.per_device_train_batch_size, args.mixed_precision, args.resume_from_checkpoint) == (3, "bf16",
+                                                                                                      "latest")
+    assert parse("--dataset-type", "ade20k", "--data", "d", "--output-dir", "x").output_dir == "x"
+
+
+def test_recipe_files_hold_one_option_a_line_with_comments(tmp_path):
+    recipe = tmp_path / "small.args"
+    recipe.write_text("# a comment line\n--dataset_type ade20k  # the rest of a line too\n--bins 2x2 4x4\n"
+                      "--multi_grid\n\n--crop_size 64 64\n")
+    args = parse(f"@{recipe}", "--data", "d", "--output_dir", "o", "--crop_size", "32", "48")
+    assert (args.dataset_type, args.bins, args.multi_grid, args.crop_size) == ("ade20k", [(2, 2), (4, 4)], True,
+                                                                               [32, 48])  # the last one given wins
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--max_train_steps", "0"], "error: Invalid training arguments: max_train_steps must be at least 1, got 0."),
+    (["--push_to_hub"], "push_to_hub needs hub_model_id"),
+    (["--bins", "4"], "argument --bins: a bin grid is ROWSxCOLUMNS with positive integers (e.g. 4x4), got '4'"),
+    (["--base_size", "2048"], "argument --base_size: expected 2 arguments"),
+    (["--backbone_depth", "152"], "argument --backbone_depth: invalid choice: 152"),
+    (["--eval_mode", "sliding"], "argument --eval_mode: invalid choice: 'sliding'"),
+    (["--multi_grid", "maybe"], "argument --multi_grid: Truthy value expected"),
+    (["--learning_rate", "fast"], "argument --learning_rate: invalid float value: 'fast'"),
+    (["--no_such_option"], "unrecognized arguments: --no_such_option"),
+])
+def test_invalid_arguments_are_reported_by_the_parser_with_their_name(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([*REQUIRED, *arguments])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("usage: ") and message in error and "Traceback" not in error
+
+
+def test_a_required_option_left_out_is_named(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_into_dataclasses(["--data", "d"])
+    assert "the following arguments are required: --output_dir, --dataset_type" in capsys.readouterr().err
+
+
+def test_help_lists_every_option_once_with_its_default_and_the_recipes():
+    text = build_parser().format_help()
+    for field in dataclasses.fields(TrainingArguments):
+        assert text.count(f"--{field.name} ") + text.count(f"--{field.name}\n") >= 1, field.name
+    assert "--crop-size" not in text and "--push-to-hub" not in text  # kebab spellings: parsing aliases only
+    for heading in ("data:", "model:", "optimisation:", "checkpoints, logging, evaluation:", "publishing:"):
+        assert f"\n{heading}\n" in text
+    assert "(default: 2048 1024)" in text and "(default: 4x4)" in text and "(default: 60000)" in text
+    assert "@scripts/recipes/cityscapes_r50.args" in text
 
 
 def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
@@ -185,8 +285,8 @@ class UnreachableHub:
 
 
 def test_unreachable_hub_never_stops_training_and_uploads_are_retried_at_the_end(generated_data, tmp_path):
-    from pcaa_hf.publishing import HubPublisher
-    from pcaa_hf.training import Trainer
+    from pcaa_hf.publishing.hub import HubPublisher
+    from pcaa_hf.training.trainer import Trainer
 
     hub = UnreachableHub()
     publisher = HubPublisher("you/pcaa-test", api=hub, attempts=2, sleep=lambda seconds: None)
@@ -218,10 +318,11 @@ def small_arguments(data, output, **overrides):
 
 
 def test_setup_refuses_a_broken_template_and_a_changed_run_before_training(generated_data, tmp_path):
-    from pcaa_hf.training import Trainer
+    from pcaa_hf.training.trainer import Trainer
 
     with pytest.raises(FileNotFoundError):
-        Trainer(small_arguments(generated_data, tmp_path / "a", model_card_template=str(tmp_path / "typo.md"))).prepare()
+        arguments = small_arguments(generated_data, tmp_path / "a", model_card_template=str(tmp_path / "typo.md"))
+        Trainer(arguments).prepare()
     assert not (tmp_path / "a" / "checkpoints").exists()
 
     Trainer(small_arguments(generated_data, tmp_path / "b")).train()

@@ -12,7 +12,6 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import ConvNextConfig, ResNetConfig, SwinConfig
 
 from pcaa_hf import PCAAConfig, PCAAForSemanticSegmentation
-
 from pcaa_testing import small_config
 
 BACKBONES = {
@@ -95,8 +94,8 @@ def test_backbone_configs_are_checked():
 
 
 def test_paper_only_settings_are_refused_or_described_for_another_backbone(tmp_path):
-    from pcaa_hf.pretrained_backbones import load_pretrained_backbone
-    from pcaa_hf.publishing import backbone_name, default_template
+    from pcaa_hf.conversion.openmmlab_backbones import load_pretrained_backbone
+    from pcaa_hf.publishing.model_cards import backbone_name, default_template
 
     config = small_config(backbone_config=BACKBONES["convnext"](), hidden_size=512)
     model = PCAAForSemanticSegmentation(config)

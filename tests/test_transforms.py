@@ -8,13 +8,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from pcaa_hf import PCAAImageProcessor
-from pcaa_hf.segmentation_data import build_cityscapes
-from pcaa_hf.synthetic import write_cityscapes_tree
-from pcaa_hf.transforms import (
+from pcaa_hf.data.builders import build_cityscapes
+from pcaa_hf.data.transforms import (
     EvalTransform,
     TrainTransform,
-    collate,
     adjust_saturation,
+    collate,
     nearest_indices,
     photometric_distortion,
     resized_crop,
@@ -171,9 +170,8 @@ def test_collate_stacks_and_pads():
     assert (batch["labels"][1, :, 5] == 255).all()
 
 
-def test_with_transform_through_a_dataloader(tmp_path):
-    write_cityscapes_tree(tmp_path / "cs", num_train=4, num_val=1, size=(128, 64), seed=1)
-    splits = build_cityscapes(tmp_path / "cs", cache_dir=tmp_path / "cache")
+def test_with_transform_through_a_dataloader(cityscapes_tree, tmp_path):
+    splits = build_cityscapes(cityscapes_tree, cache_dir=tmp_path / "cache")  # 4 training frames of 128x64
     train = splits["train"].with_transform(TrainTransform(base_size=(128, 64), crop_size=(64, 64), seed=0))
     batches = [next(iter(DataLoader(train, batch_size=2, collate_fn=collate))) for _ in range(2)]
     assert batches[0]["pixel_values"].shape == (2, 3, 64, 64) and batches[0]["labels"].shape == (2, 64, 64)
@@ -184,9 +182,8 @@ def test_with_transform_through_a_dataloader(tmp_path):
     assert batch["pixel_values"].shape == (1, 3, 64, 128) and batch["labels"].shape == (1, 64, 128)
 
 
-def test_workers_draw_new_augmentations_every_epoch_and_reproducibly(tmp_path):
-    write_cityscapes_tree(tmp_path / "cs", num_train=4, num_val=1, size=(128, 64), seed=2)
-    train = build_cityscapes(tmp_path / "cs", cache_dir=tmp_path / "cache")["train"]
+def test_workers_draw_new_augmentations_every_epoch_and_reproducibly(cityscapes_tree, tmp_path):
+    train = build_cityscapes(cityscapes_tree, cache_dir=tmp_path / "cache")["train"]
     train = train.with_transform(TrainTransform(base_size=(128, 64), crop_size=(48, 48), seed=0))
 
     def two_epochs():

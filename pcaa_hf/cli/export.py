@@ -1,0 +1,95 @@
+r"""Export a PCAA model folder for deployment with transformers' exporters: torch.export ("dynamo"), ONNX (run with
+ONNX Runtime) or OpenVINO.
+
+By default the batch size, height and width stay dynamic: one export serves every input size. The export is traced on
+random inputs of --example_size, written to a sibling folder, reloaded from there and compared with the eager model
+on --check_shapes (by default, when dynamic, the example size at batch 1 and a larger batch at another size; when
+static, the example shape); it replaces --output_dir only when every max |exported - eager| is within --tolerance.
+
+Examples:
+    python scripts/export.py --model pcaa-r50-cityscapes --format onnx --output_dir pcaa-r50-cityscapes-onnx
+    python scripts/export.py --model pcaa-r50-cityscapes --format openvino --output_dir pcaa-openvino \
+        --example_size 512 1024
+    python scripts/export.py --model pcaa-r50-cityscapes --format dynamo --static --example_size 768 768 \
+        --output_dir pcaa-768
+
+Load the result with `pcaa_hf.publishing.exporting.load_exported(folder)` (or transformers'
+`ExportedModel.from_pretrained(folder)`; a dynamo export needs trust_remote_code=True) and call it as the model:
+`exported(pixel_values=pixel_values).logits`.
+"""
+
+import logging
+import sys
+import warnings
+
+from huggingface_hub.errors import StrictDataclassError
+
+from pcaa_hf.cli.arguments import ArgumentParser, batch_shape, positive_float, positive_int
+from pcaa_hf.publishing.exporting import DEFAULT_EXAMPLE_SIZE, EXPORT_FORMATS, export_to_folder
+from pcaa_hf.utils.process_settings import configure_cpu_process
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True, help="a PCAA folder written by save_pretrained")
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                        help="dynamo: torch.export's model.pt2; onnx: model.onnx (+ model.onnx.data) for ONNX Runtime; "
+                             "openvino: openvino_model.xml/.bin")
+    parser.add_argument("--output_dir", required=True, help="folder to write the export to")
+    parser.add_argument("--dynamic", action="store_true", default=True,
+                        help="dynamic batch size, height and width (default)")
+    parser.add_argument("--no_dynamic", "--static", dest="dynamic", action="store_false",
+                        help="the batch size, height and width fixed to the example's")
+    parser.add_argument("--example_size", nargs=2, type=positive_int, default=DEFAULT_EXAMPLE_SIZE,
+                        metavar=("H", "W"),
+                        help=f"the traced input's height and width; a static export takes only this size "
+                             f"(default: {DEFAULT_EXAMPLE_SIZE[0]} {DEFAULT_EXAMPLE_SIZE[1]})")
+    parser.add_argument("--example_batch_size", type=positive_int,
+                        help="the traced input's batch size (default: 2 when dynamic, at least 2 there; 1 when static)")
+    parser.add_argument("--check_shapes", nargs="+", type=batch_shape, metavar="BxHxW",
+                        help="input shapes to compare the export with the eager model on (default: dynamic, the "
+                             "example size at batch 1 and a larger batch at another size; static, the example shape)")
+    parser.add_argument("--tolerance", type=positive_float, default=1e-4,
+                        help="largest max |exported - eager| accepted, relative to max(1, max |logits|) "
+                             "(default: 1e-4)")
+    parser.add_argument("--opset_version", type=positive_int, help="--format onnx: the ONNX opset (default: latest)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output_dir")
+    args = parser.parse_args(argv)
+    if args.opset_version is not None and args.format != "onnx":
+        parser.error("--opset_version only applies to --format onnx")
+    if args.dynamic and args.example_batch_size == 1:
+        parser.error("--example_batch_size must be at least 2 with --dynamic: torch.export fixes an axis traced "
+                     "at size 1")
+    return args
+
+
+def main(argv=None):
+    configure_cpu_process()
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    options = {} if args.opset_version is None else {"opset_version": args.opset_version}
+    try:
+        with warnings.catch_warnings():
+            # torch.export's and onnxscript's deprecation chatter about their own internals.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            report = export_to_folder(
+                args.model, args.output_dir, args.format, dynamic=args.dynamic, example_size=args.example_size,
+                batch_size=args.example_batch_size, check_shapes=args.check_shapes, tolerance=args.tolerance,
+                overwrite=args.overwrite, **options,
+            )
+    except (OSError, ImportError, ValueError, RuntimeError, TypeError, StrictDataclassError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    axes = "dynamic batch size, height and width" if report.dynamic else "static shape"
+    print(f"Exported {args.model} as {report.format} ({axes}) to {report.output_dir}, traced on "
+          f"{'x'.join(map(str, report.example_shape))} in {report.export_seconds:.1f} s.")
+    print(f"Files: {', '.join(report.files)}")
+    print(f"Reloaded and compared with the eager model ({str(report.dtype).removeprefix('torch.')}, random inputs):")
+    for check in report.checks:
+        print(f"  {check}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""Our model out to its users: model cards, export folders and Hub uploads, and exports for deployment (torch.export,
+ONNX, OpenVINO)."""

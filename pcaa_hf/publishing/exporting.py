@@ -1,0 +1,248 @@
+"""
+Export PCAA models for deployment with transformers' exporters (`transformers.exporters`, transformers >= 5.25).
+
+Formats: "dynamo" (a `torch.export` program, `model.pt2`), "onnx" (`model.onnx` with its weights in
+`model.onnx.data`, run with ONNX Runtime) and "openvino" (`openvino_model.xml` / `.bin`). With `dynamic=True` the batch
+size, height and width stay symbolic: one export serves every input size whose feature map is at least 2x2 (inputs
+larger than the backbone's output stride: 8 pixels for the paper's backbone, 32 for transformers' ResNet).
+
+An export folder holds the program, `export.json` (what was traced, how), `config.json` (with `configuration_pcaa.py`)
+and, when the model folder has one, the image processor. Load it with `load_exported` (or
+`transformers.exporters.ExportedModel.from_pretrained`) and call it like the model:
+
+```python
+>>> from pcaa_hf.publishing.exporting import export_to_folder, load_exported
+>>> report = export_to_folder("pcaa-r50-cityscapes", "pcaa-r50-cityscapes-onnx", format="onnx")
+>>> exported = load_exported("pcaa-r50-cityscapes-onnx")
+>>> exported(pixel_values=pixel_values).logits  # (batch, num_labels, height / 8, width / 8)
+```
+"""
+
+import importlib.util
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pcaa_hf.utils.atomic_folders import write_folder_atomically
+
+EXPORT_FORMATS = ("dynamo", "onnx", "openvino")
+# The packages each format needs to export and run, beyond torch and transformers.
+REQUIRED_PACKAGES = {"dynamo": (), "onnx": ("onnx", "onnxscript", "onnxruntime"), "openvino": ("openvino",)}
+DEFAULT_EXAMPLE_SIZE = (256, 256)
+# OpenVINO's CPU plugin infers float32 models in bfloat16 on CPUs that support it (max |difference| 4e-3 on logits of
+# about 0.6 in the tests), and openvino 2026.4 does not apply the float32 precision that transformers records in the
+# exported model: float32 exports run with this compile property unless the caller passes another.
+OPENVINO_FLOAT32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def check_format(format):
+    """Raise a ValueError for an unknown `format`, an ImportError when a package it needs is missing."""
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"`format` must be one of {', '.join(EXPORT_FORMATS)}; got {format!r}.")
+    if importlib.util.find_spec("transformers.exporters") is None:
+        raise ImportError("Exporting needs transformers >= 5.25 (transformers.exporters): pip install -U transformers")
+    missing = [package for package in REQUIRED_PACKAGES[format] if importlib.util.find_spec(package) is None]
+    if missing:
+        raise ImportError(f"`format={format!r}` needs {', '.join(missing)}, which is not installed: "
+                          f"pip install {' '.join(missing)}")
+
+
+def export_config(format, dynamic=True, **options):
+    """
+    The transformers export config of `format`. `dynamic=True` makes the batch size, height and width of
+    `pixel_values` symbolic (`Dim.AUTO`), its channels fixed; `options` go to the config (e.g. `opset_version`).
+    """
+    check_format(format)
+    from transformers.exporters import DynamoConfig, OnnxConfig, OpenVINOConfig
+
+    config_class = {"dynamo": DynamoConfig, "onnx": OnnxConfig, "openvino": OpenVINOConfig}[format]
+    if dynamic and options.get("dynamic_shapes") is None:
+        automatic = torch.export.Dim.AUTO
+        options["dynamic_shapes"] = {"pixel_values": {0: automatic, 2: automatic, 3: automatic}}
+    return config_class(dynamic=dynamic, **options)
+
+
+def check_pcaa_model(model, name="model"):
+    # By model_type, not isinstance: a model loaded with trust_remote_code has its own copy of the class.
+    if not isinstance(model, torch.nn.Module) or getattr(getattr(model, "config", None), "model_type", None) != "pcaa":
+        raise TypeError(f"`{name}` must be a PCAA model (PCAAForSemanticSegmentation) or the path of its folder; got "
+                        f"{type(model).__name__}.")
+
+
+def input_channels(model):
+    backbone_config = model.config.backbone_config
+    return model.config.num_channels if backbone_config is None else backbone_config.num_channels
+
+
+def example_inputs(model, size, batch_size, seed=0):
+    """Normal random `pixel_values` of `batch_size` x channels x `size`, in the model's dtype and on its device."""
+    height, width = size
+    if not all(isinstance(value, int) and value > 0 for value in (height, width, batch_size)):
+        raise ValueError(f"`example_size` and `batch_size` must be positive integers; got {size} and {batch_size}.")
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch_size, input_channels(model), height, width, generator=generator)
+    return {"pixel_values": pixel_values.to(device=model.device, dtype=model.dtype)}
+
+
+def export_model(model, format="onnx", dynamic=True, example_size=DEFAULT_EXAMPLE_SIZE, batch_size=None, **options):
+    """
+    Export a PCAA model (put in eval mode) with transformers' exporter of `format`, traced on random `pixel_values`
+    of `batch_size` (default 2 when dynamic, else 1) x channels x `example_size`. Returns the
+    `transformers.exporters.ExportedModel`; `options` go to the export config (see `export_config`).
+    """
+    check_pcaa_model(model)
+    config = export_config(format, dynamic, **options)
+    if batch_size is None:
+        batch_size = 2 if dynamic else 1
+    if dynamic and batch_size == 1:
+        raise ValueError("`batch_size` must be at least 2 with `dynamic=True`: torch.export fixes an axis traced at "
+                         "size 1.")
+    from transformers.exporters import AutoHfExporter
+
+    inputs = example_inputs(model, tuple(example_size), batch_size)
+    model.eval()
+    return AutoHfExporter.from_config(config).export(model, inputs, config)
+
+
+def load_exported(folder, device=None, trust_remote_code=False, **runner_kwargs):
+    """
+    `ExportedModel.from_pretrained(folder, ...)`, ready to run. `trust_remote_code` is needed for "dynamo" exports
+    (loading a `.pt2` unpickles it) and, without pcaa_hf installed, for the config's code. A float32 OpenVINO export
+    runs in float32 (`OPENVINO_FLOAT32`) unless `runner_kwargs` has a `config` of its own.
+    """
+    folder = Path(folder)
+    manifest_file = folder / "export.json"
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"`folder` {folder} holds no export (no export.json).")
+    manifest = json.loads(manifest_file.read_text())
+    check_format(manifest["export_format"])
+    from transformers.exporters import ExportedModel
+
+    if manifest["export_format"] == "openvino" and "config" not in runner_kwargs:
+        dtypes = {component["metadata"].get("export_dtype") for component in manifest["components"].values()}
+        if dtypes == {"float32"}:
+            runner_kwargs["config"] = dict(OPENVINO_FLOAT32)
+    return ExportedModel.from_pretrained(folder, device=device, trust_remote_code=trust_remote_code, **runner_kwargs)
+
+
+@dataclass
+class ExportCheck:
+    """One comparison of an export with the eager model on random inputs of `shape` (batch, channels, H, W)."""
+
+    shape: tuple
+    max_abs_difference: float  # over the logits and the region class scores
+    logits_scale: float  # max |eager logits|
+
+    def __str__(self):
+        return (f"{'x'.join(map(str, self.shape))}: max |exported - eager| = {self.max_abs_difference:.2e} "
+                f"(logits up to {self.logits_scale:.3g})")
+
+
+def compare_with_eager(model, exported, shapes, seed=1):
+    """Run `exported` and the eager `model` on random inputs of each (batch, height, width) in `shapes`."""
+    checks = []
+    for index, (batch_size, height, width) in enumerate(shapes):
+        inputs = example_inputs(model, (height, width), batch_size, seed=seed + index)
+        with torch.no_grad():
+            expected = model(**inputs)
+        actual = exported(**inputs)
+        pairs = [(actual.logits, expected.logits)]
+        pairs += list(zip(actual.region_class_scores, expected.region_class_scores))
+        difference = max((a.float() - e.float()).abs().max().item() for a, e in pairs)
+        checks.append(ExportCheck(tuple(inputs["pixel_values"].shape), difference,
+                                  expected.logits.abs().max().item()))
+    return checks
+
+
+@dataclass
+class ExportReport:
+    """What `export_to_folder` did: where, how long the export took, and its checks against the eager model."""
+
+    output_dir: Path
+    format: str
+    dynamic: bool
+    example_shape: tuple
+    export_seconds: float
+    dtype: torch.dtype = torch.float32
+    checks: list = field(default_factory=list)
+    files: list = field(default_factory=list)
+
+
+def default_check_shapes(example_size, batch_size, dynamic):
+    """Static: the example's shape. Dynamic: batch 1 at the example size, and batch + 1 at another size."""
+    height, width = example_size
+    if not dynamic:
+        return [(batch_size, height, width)]
+    return [(1, height, width), (batch_size + 1, height * 3 // 4 + 5, width * 5 // 4 + 3)]
+
+
+def export_to_folder(model, output_dir, format="onnx", dynamic=True, example_size=DEFAULT_EXAMPLE_SIZE,
+                     batch_size=None, check_shapes=None, tolerance=1e-4, overwrite=False, **options):
+    """
+    Export `model` (a PCAA model, or the path of its `save_pretrained` folder) with `export_model` and write the
+    export to `output_dir` atomically: it is saved in a sibling folder, reloaded from there and compared with the eager
+    model on each (batch, height, width) of `check_shapes` (default `default_check_shapes`), and moved into place only
+    when every max |difference| is at most `tolerance` x max(1, max |logits|). A model folder's image processor is
+    saved with it. Returns an `ExportReport`.
+    """
+    check_format(format)
+    output = Path(output_dir)
+    if output.is_dir() and any(output.iterdir()) and not overwrite:  # before the export's minutes, not after
+        raise FileExistsError(f"`output_dir` {output} exists and is not empty; choose another or overwrite it "
+                              "(overwrite=True, --overwrite).")
+    processor = None
+    if isinstance(model, (str, Path)):
+        folder = Path(model)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"`model` {folder} is not a model folder (no config.json there).")
+        # pcaa_hf, imported with this module, registered PCAA with the Auto classes.
+        from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+        model = AutoModelForSemanticSegmentation.from_pretrained(folder)
+        if (folder / "preprocessor_config.json").is_file():
+            processor = AutoImageProcessor.from_pretrained(folder)
+    check_pcaa_model(model)
+    if batch_size is None:
+        batch_size = 2 if dynamic else 1
+    example_size = tuple(example_size)
+    if check_shapes is None:
+        check_shapes = default_check_shapes(example_size, batch_size, dynamic)
+    started = time.perf_counter()
+    exported = export_model(model, format, dynamic, example_size, batch_size, **options)
+    report = ExportReport(Path(output_dir), format, dynamic, (batch_size, input_channels(model), *example_size),
+                          time.perf_counter() - started, model.dtype)
+
+    def save_and_check(staging):
+        exported.save_pretrained(staging)
+        if processor is not None:
+            processor.save_pretrained(staging)
+        # The dynamo export was written here just now, so loading it runs no code but ours.
+        reloaded = load_exported(staging, trust_remote_code=True)
+        report.checks = compare_with_eager(model, reloaded, check_shapes)
+        failed = [check for check in report.checks
+                  if not check.max_abs_difference <= tolerance * max(1.0, check.logits_scale)]
+        if failed:
+            raise RuntimeError(f"The {format} export differs from the eager model by more than the tolerance "
+                               f"{tolerance} (relative to max(1, max |logits|)): "
+                               + "; ".join(map(str, failed)))
+        report.files = sorted(path.name for path in Path(staging).iterdir())
+
+    report.output_dir = write_folder_atomically(save_and_check, output_dir, overwrite)
+    return report
+
+
+__all__ = [
+    "DEFAULT_EXAMPLE_SIZE",
+    "EXPORT_FORMATS",
+    "ExportCheck",
+    "ExportReport",
+    "check_format",
+    "compare_with_eager",
+    "export_config",
+    "export_model",
+    "export_to_folder",
+    "load_exported",
+]
