@@ -1,3 +1,4 @@
+import json
 import warnings
 
 import datasets
@@ -94,7 +95,7 @@ def test_any_dataset_through_load_dataset(cityscapes_root, tmp_path):
     assert label_names(loaded)[18] == "bicycle"
 
     renamed["validation"].to_parquet(tmp_path / "validation.parquet")
-    (tmp_path / "names.json").write_text('{"0": "road", "1": "sidewalk"}')
+    (tmp_path / "names.json").write_text(json.dumps(dict(enumerate(CITYSCAPES_LABELS))))
     parquet = load_segmentation_dataset("parquet", image_column="pixel_values", label_column="annotation",
                                         id2label=tmp_path / "names.json",
                                         data_files={"validation": str(tmp_path / "validation.parquet")},
@@ -103,7 +104,7 @@ def test_any_dataset_through_load_dataset(cityscapes_root, tmp_path):
     expected = np.where(expected == 0, 1, expected)
     expected = np.where(expected == 255, 255, np.where(expected == 0, 255, expected - 1))
     assert np.array_equal(np.asarray(parquet["validation"][0]["label"]), expected)
-    assert label_names(parquet) == {0: "road", 1: "sidewalk"}
+    assert label_names(parquet) == dict(enumerate(CITYSCAPES_LABELS))
 
     with pytest.raises(KeyError, match="no column 'mask'"):
         load_segmentation_dataset(tmp_path / "saved", image_column="pixel_values", label_column="mask",
@@ -218,7 +219,7 @@ def test_rotated_images_are_refused_and_changed_files_rebuilt(ade20k_root, tmp_p
 def test_load_dataset_split_names_streaming_and_colour_labels(cityscapes_root, tmp_path):
     built = build_cityscapes(cityscapes_root, cache_dir=tmp_path / "cache")
     built["validation"].to_parquet(tmp_path / "validation.parquet")
-    one = load_segmentation_dataset("parquet", id2label={0: "road"}, split="validation",
+    one = load_segmentation_dataset("parquet", id2label=dict(enumerate(CITYSCAPES_LABELS)), split="validation",
                                     data_files={"validation": str(tmp_path / "validation.parquet")})
     assert list(one) == ["validation"]
     with pytest.raises(ValueError, match="Streaming"):

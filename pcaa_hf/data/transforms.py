@@ -9,8 +9,10 @@ fraction of the work — and stays in uint8 until normalisation. All randomness 
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
+from transformers.image_transforms import convert_to_rgb
+from transformers.image_utils import ChannelDimension
 
-from pcaa_hf.model.image_processing_pcaa import PCAAImageProcessor, keep_ratio_size, to_eight_bit
+from pcaa_hf.model.image_processing_pcaa import PCAAImageProcessor, keep_ratio_size, open_image, to_eight_bit
 
 from .label_sets import IGNORE_INDEX
 
@@ -141,15 +143,29 @@ def normalise(image, mean, std, scale, out=None):
 
 def as_arrays(image, label):
     """
-    The uint8 RGB image (16-bit images rounded to 8 bits, as the image processor does) and the label map, kept in its
-    stored integer type until the end.
+    The uint8 RGB image and the label map, kept in its stored integer type until the end. The image is converted as
+    the image processor converts it for evaluation and inference: 16-bit rounded to 8 bits, grayscale repeated,
+    transparency composited on white (transformers' `convert_to_rgb`).
     """
     image = to_eight_bit(image)
-    if hasattr(image, "convert"):
-        image = np.array(image.convert("RGB"))  # writable (np.asarray of a PIL image is not), at the same cost
-    elif image.ndim == 3 and image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-    return image, label_array(label)
+    if getattr(image, "mode", None) == "F":  # a 32-bit float PIL image: refused below like float arrays
+        image = np.asarray(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(
+                f"Training images must be 8- or 16-bit integer images, got an array of {image.dtype}"
+                + (" holding NaN or infinite values." if not np.isfinite(image).all() else ".")
+            )
+        image = convert_to_rgb(image, return_numpy=True, input_data_format=ChannelDimension.LAST)
+    else:
+        image = convert_to_rgb(image, return_numpy=True)
+    return np.require(image, requirements="W"), label_array(label)
+
+
+def check_same_size(image_size, label_size):
+    """Refuse a label map whose (height, width) is not its image's: its pixels would be scored against others."""
+    if tuple(image_size) != tuple(label_size):
+        raise ValueError(f"Image of size {tuple(image_size)} and label of size {tuple(label_size)} do not match.")
 
 
 def label_array(label):
@@ -159,6 +175,10 @@ def label_array(label):
             f"Label maps must be single-channel (height, width) images of class ids, got shape {label.shape}."
         )
     return label
+
+
+# The paper's random rescale: each image is resized to base_size times a ratio drawn from this range.
+RESCALE_RATIOS = (0.5, 2.0)
 
 
 class SeededTransform:
@@ -188,7 +208,7 @@ class TrainTransform(SeededTransform):
     base (2048, 512), crop (512, 512)).
     """
 
-    def __init__(self, base_size=(2048, 1024), crop_size=(768, 768), ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
+    def __init__(self, base_size=(2048, 1024), crop_size=(768, 768), ratio_range=RESCALE_RATIOS, cat_max_ratio=0.75,
                  flip_probability=0.5, photometric=True, image_processor=None, seed=0):
         super().__init__(seed)
         self.base_size, self.crop_size = tuple(base_size), tuple(crop_size)
@@ -208,8 +228,7 @@ class TrainTransform(SeededTransform):
 
     def augment(self, image, label, rng):
         height, width = label.shape
-        if image.shape[:2] != label.shape:
-            raise ValueError(f"Image of size {image.shape[:2]} and label of size {label.shape} do not match.")
+        check_same_size(image.shape[:2], label.shape)
         ratio = rng.uniform(*self.ratio_range)
         scale = (int(self.base_size[0] * ratio), int(self.base_size[1] * ratio))
         size = keep_ratio_size(height, width, max(scale), min(scale))
@@ -267,9 +286,17 @@ class EvalTransform:
             "do_resize": True, "size": {"longest_edge": max(base_size), "shortest_edge": min(base_size)}}
 
     def __call__(self, batch):
-        pixel_values = self.processor(images=list(batch["image"]), **self.resize)["pixel_values"]
+        images = [open_image(image) for image in batch["image"]]
         labels = [label_array(label).astype(np.int64) for label in batch["label"]]
+        for image, label in zip(images, labels):
+            check_same_size(image_size(image), label.shape)
+        pixel_values = self.processor(images=images, **self.resize)["pixel_values"]
         return {"pixel_values": pixel_values, "labels": labels}
+
+
+def image_size(image):
+    """(height, width) of a PIL image or a channels-last array."""
+    return (image.height, image.width) if hasattr(image, "height") else np.shape(image)[:2]
 
 
 def collate(examples):

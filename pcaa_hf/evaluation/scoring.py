@@ -38,7 +38,10 @@ class IndexedShare(Dataset):
 
     def __getitem__(self, position):
         index = self.indices[position]
-        return index, self.dataset[index]
+        try:
+            return index, self.dataset[index]
+        except ValueError as error:  # a transform's complaint (e.g. a label of another size): name the example
+            raise ValueError(f"Evaluation example {index}: {error}") from error
 
 
 def keep_examples(examples):

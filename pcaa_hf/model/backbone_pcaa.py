@@ -207,6 +207,11 @@ def is_exporting() -> bool:
     return getattr(torch.compiler, "is_exporting", bool)()
 
 
+def is_traced() -> bool:
+    """Whether the call is being traced into a graph (torch.jit.trace, torch.compile, torch.export), not run eagerly."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or is_exporting()
+
+
 def uses_cpu_fast_paths(module: nn.Module, pixel_values: torch.Tensor) -> bool:
     """
     The one predicate of the fast path: `module` (the model) runs its forward on `pixel_values` on the fast path when
@@ -214,8 +219,7 @@ def uses_cpu_fast_paths(module: nn.Module, pixel_values: torch.Tensor) -> bool:
     CPU, and nothing traces, compiles or exports the call (a graph keeps the plain forward, which serves every size
     and batch).
     """
-    traced = torch.jit.is_tracing() or torch.compiler.is_compiling() or is_exporting()
-    return _cpu_fast_paths_enabled and not module.training and pixel_values.device.type == "cpu" and not traced
+    return _cpu_fast_paths_enabled and not module.training and pixel_values.device.type == "cpu" and not is_traced()
 
 
 def standard_layout(hidden_state: torch.Tensor) -> torch.Tensor:

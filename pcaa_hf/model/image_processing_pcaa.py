@@ -1,6 +1,8 @@
 """Image processor for PCAA: RGB conversion, keep-ratio resize, ImageNet normalisation, label maps, post-processing."""
 
+import contextlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +19,16 @@ from transformers.image_utils import (
     ChannelDimension,
     PILImageResampling,
     SizeDict,
+    is_scaled_image,
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 SIXTEEN_BIT_PIL_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# What PIL raises for a file that is not a whole, readable image of a sensible size.
+IMAGE_READ_ERRORS = (OSError, SyntaxError, PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning)
 
 
 class PCAAImageProcessorKwargs(ImagesKwargs, total=False):
@@ -50,7 +58,27 @@ def keep_ratio_size(height, width, longest_edge, shortest_edge):
     `Resize(scale=(longest_edge, shortest_edge), keep_ratio=True)` and the authors' code do.
     """
     scale = min(longest_edge / max(height, width), shortest_edge / min(height, width))
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    # A very elongated image (1x5000) would round its short side to 0 pixels: keep at least one.
+    return max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1)
+
+
+@contextlib.contextmanager
+def decompression_bombs_refused():
+    """
+    PIL refuses images of over twice `PIL.Image.MAX_IMAGE_PIXELS` but only warns below that; refuse both, so that one
+    limit holds wherever an image file is opened (data set builders, processor, prediction).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+        yield
+
+
+def unreadable_image_message(path, error):
+    """The one-line reason why image `path` cannot be used, with the way out for images PIL deems too large."""
+    message = f"Cannot read image {path}: {error}"
+    if isinstance(error, (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning)):
+        message += " (raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted)"
+    return message
 
 
 def open_image(source):
@@ -65,10 +93,10 @@ def open_image(source):
     if not path.is_file():
         raise FileNotFoundError(f"Image {path} does not exist.")
     try:
-        with PIL.Image.open(path) as image:
+        with decompression_bombs_refused(), PIL.Image.open(path) as image:
             return PIL.ImageOps.exif_transpose(image) or image.copy()
-    except (OSError, SyntaxError) as error:
-        raise ValueError(f"Cannot read image {path}: {error}") from error
+    except IMAGE_READ_ERRORS as error:
+        raise ValueError(unreadable_image_message(path, error)) from error
 
 
 def standardise_images(images):
@@ -97,6 +125,20 @@ def to_eight_bit(image):
     if image.ndim == 2:
         return PIL.Image.fromarray(image) if image.dtype == np.uint8 else image[..., None]
     return image
+
+
+def check_pixel_values(image, index, do_rescale):
+    """
+    Refuse NaN or infinite pixels (the model would turn them into one class everywhere they spread), and warn, as
+    transformers' processors do, when images about to be rescaled look rescaled already.
+    """
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise ValueError(f"Image {index} holds NaN or infinite pixel values; images must be finite.")
+    if do_rescale and is_scaled_image(image):
+        logger.warning_once(
+            "It looks like you are trying to rescale already rescaled images. If the input images have pixel values "
+            "between 0 and 1, set `do_rescale=False` to avoid rescaling them again."
+        )
 
 
 class PCAAImageProcessor(PilBackend):
@@ -191,7 +233,9 @@ class PCAAImageProcessor(PilBackend):
     def _preprocess(self, images, is_label_map, do_resize, size, resample, do_rescale, rescale_factor, do_normalize,
                     image_mean, image_std, do_reduce_labels=False, label_map=None, **kwargs) -> list[np.ndarray]:
         processed = []
-        for image in images:
+        for index, image in enumerate(images):
+            if not is_label_map:
+                check_pixel_values(image, index, do_rescale)
             if is_label_map:
                 if label_map:
                     image = self.apply_label_map(image, label_map)

@@ -23,6 +23,7 @@ from .backbone_pcaa import (
     checkpoint_preserving_statistics,
     is_batch_norm,
     is_exporting,
+    is_traced,
     uses_cpu_fast_paths,
 )
 from .configuration_pcaa import PCAAConfig, num_label_values
@@ -138,7 +139,7 @@ def region_partition(length, bins, device):
     calls. Exported or symbolic, always the padded layout, so that one graph serves every size: branching on
     `length % bins` would restrict the graph to sizes of the traced one's divisibility.
     """
-    if isinstance(length, int) and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+    if isinstance(length, int) and not is_traced():
         return cached_region_partition(length, bins, device)
     if is_exporting() or isinstance(length, torch.SymInt):
         # Regions of 2 positions at least (padding is masked out, the same results): torch.export specialises every
@@ -475,6 +476,16 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
         return feature_maps, feature_maps if output_hidden_states else None, None
 
     def _check_inputs(self, pixel_values, labels):
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(
+                f"`pixel_values` must be a torch.Tensor (batch_size, channels, height, width), got "
+                f"{type(pixel_values).__name__}: prepare images with the image processor (return_tensors='pt') or "
+                "convert arrays with torch.from_numpy."
+            )
+        # One reduction over the input, skipped while tracing (export, compile), where a data-dependent branch
+        # cannot be taken; the image processor refuses such images earlier.
+        if not is_traced() and not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("`pixel_values` holds NaN or infinite values; images must be finite.")
         backbone_config = self.config.backbone_config
         num_channels = self.config.num_channels if backbone_config is None else backbone_config.num_channels
         if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
