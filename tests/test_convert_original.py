@@ -210,3 +210,20 @@ def current_umask():
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def test_non_finite_weights_are_named_before_any_conversion(tmp_path, capsys):
+    # They once surfaced after the conversion as "The converted folder reloads ... with different values" (NaN != NaN).
+    from pcaa_hf.cli import convert_original
+
+    checkpoint = tmp_path / "diverged.pth"
+    torch.save({"module.head.conv_seg.0.weight": torch.tensor([[1.0, float("nan")]]),
+                "module.dsn.0.weight": torch.tensor([float("-inf")]), "module.backbone.stem.0.weight": torch.ones(2),
+                "module.backbone.stem.1.num_batches_tracked": torch.tensor(3)}, checkpoint)
+    with pytest.raises(ValueError, match=r"diverged.pth holds NaN or infinite values in 2 tensor\(s\): "
+                                         r"module.dsn.0.weight, module.head.conv_seg.0.weight;"):
+        load_original_state_dict(checkpoint)
+    assert convert_original.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--backbone",
+                                  "resnet50", "--num_labels", "19"]) == 2
+    assert "error: " + str(checkpoint) + " holds NaN or infinite values" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -167,13 +167,17 @@ def test_evaluate_script_under_accelerate_two_processes(cityscapes_run):
 @pytest.mark.parametrize("change, message", [
     (["--data", "MISSING"], "MISSING does not exist"),
     (["--split", "testing"], "no split 'testing'"),
-    (["--stride", "0", "8"], "stride must be a positive integer"),
+    (["--stride", "0", "8"], "argument --stride: expected a positive integer, got '0'"),
     (["--model", "MISSING"], "MISSING"),
 ])
 def test_evaluate_script_bad_arguments(cityscapes_run, tmp_path, capsys, change, message):
     change = [str(tmp_path / value) if value == "MISSING" else value for value in change]
     message = message.replace("MISSING", str(tmp_path / "MISSING"))
-    assert evaluate_main(script_arguments(cityscapes_run, tmp_path / "out") + change) == 2
+    try:
+        status = evaluate_main(script_arguments(cityscapes_run, tmp_path / "out") + change)
+    except SystemExit as exit:  # refused by the parser
+        status = exit.code
+    assert status == 2
     assert message in capsys.readouterr().err
 
 

@@ -811,3 +811,35 @@ def test_evaluate_module_rejects_values_beyond_int32(evaluate_metric):
         with pytest.raises(ValueError, match=r"predictions\[0\]"):
             evaluate_metric.compute(predictions=[np.array([[0, 2**32]])], references=[np.array([[0, 0]])],
                                     num_labels=2, ignore_index=255)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sizes: out-of-range values are refused from the maps' extremes, and tables that cannot fit are refused up front
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [2**27, 2**40, -(2**40)])
+def test_huge_reference_values_are_refused_without_a_table_of_their_size(value):
+    # A map of nothing but one huge value once built a table from 0 to it: 17 s and 4.6 GiB for 2**27, a
+    # MemoryError for 2**40. The map's extremes lie outside any value that can be scored: refused at once.
+    import tracemalloc
+
+    predictions, references = [np.zeros((64, 64), np.int64)], [np.full((64, 64), value, np.int64)]
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=rf"references\[0\] holds values outside \[0, 19\).*\[{value}\]"):
+            mean_iou(predictions, references, num_labels=19, ignore_index=255)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**24, f"{peak / 2**20:.0f} MiB allocated to refuse one 64x64 map"
+
+
+def test_num_labels_whose_confusion_table_cannot_fit_is_refused_with_its_size():
+    # 100000 classes once asked numpy for a 74.5 GiB bincount; the size is now stated before anything is allocated.
+    maps = [np.zeros((2, 2), np.uint8)]
+    message = r"num_labels=100000 needs .*100001x100000 int64 pixel counts, 149\.0 GiB, more than the .* GiB of memory"
+    with pytest.raises(ValueError, match=message):
+        mean_iou(maps, maps, num_labels=100000, ignore_index=255)
+    with pytest.raises(ValueError, match=message):
+        ConfusionMatrix(100000)

@@ -115,3 +115,29 @@ def test_conversion_script_and_training_argument(tmp_path, capsys):
                                       pretrained_backbone=str(weights))
         model = build_model(arguments, {0: "a", 1: "b"})
         assert torch.equal(model.backbone.state_dict()["stages.2.1.conv1.conv.weight"], state["layer3.1.conv1.weight"])
+
+
+def test_conversion_script_names_broken_inputs_and_creates_the_output_folder(tmp_path, capsys):
+    from pcaa_hf.cli import convert_backbone
+
+    def convert(checkpoint, output):
+        return convert_backbone.main(["--checkpoint", str(checkpoint), "--depth", "18", "--output", str(output)])
+
+    state = openmmlab_state_dict(18)
+    torch.save(state, tmp_path / "resnet18_v1c.pth")
+    output = tmp_path / "new" / "folder" / "r18.safetensors"  # once a traceback from safetensors' save_file
+    assert convert(tmp_path / "resnet18_v1c.pth", output) == 0
+    assert output.is_file()
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(output.read_bytes()[:1000])
+    assert convert(truncated, tmp_path / "out.safetensors") == 2
+    assert f"error: {truncated} is not a complete safetensors file" in capsys.readouterr().err
+
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    state["stem.1.running_var"][0] = float("inf")
+    torch.save(state, tmp_path / "diverged.pth")
+    assert convert(tmp_path / "diverged.pth", tmp_path / "out.safetensors") == 2
+    assert ("error: " + str(tmp_path / "diverged.pth") + " holds NaN or infinite values in 2 tensor(s): "
+            "layer1.0.conv1.weight, stem.1.running_var") in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()

@@ -355,3 +355,15 @@ def test_the_default_api_is_an_hf_api_with_the_token():
     assert isinstance(publisher.api, HfApi) and publisher.api.token == "hf_not_a_real_token"
     with pytest.raises(ValueError, match="attempts"):
         HubPublisher(REPO_ID, api=FakeHubApi(), attempts=0)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("# {{ repo_id }\n", r"line 1: TemplateSyntaxError: unexpected '}'"),
+    ("# {{ repo_id }}\n{% if evaluated %}\n", r"TemplateSyntaxError: Unexpected end of template"),
+    ("# {{ repo_idd }}\n", r"UndefinedError: 'repo_idd' is undefined"),  # was rendered as an empty string
+])
+def test_a_broken_template_is_named_with_jinjas_message(tmp_path, text, expected):
+    template = tmp_path / "card.md"
+    template.write_text(text)
+    with pytest.raises(ValueError, match=rf"model card template {re.escape(str(template))}.*{expected}"):
+        render_model_card(template, repo_id=REPO_ID, config=small_config(num_labels=5), id2label=ID2LABEL)

@@ -10,15 +10,40 @@ and metavar read from each field's `metadata`) with what every pcaa-* tool needs
   (`--multi_grid`) or with a value (`--multi_grid false`); `types` reads the values of a field its own way (e.g.
   `--bins 2x2 4x4` by `region_grid`); a field's `metadata["group"]` lists it under that heading in --help.
 
-Each type refuses a bad value with a message naming it.
+Each type refuses a bad value with a message naming it. `reports_errors` makes a tool's `main` end a failure caused
+by its input (a file, an argument, the data) with one `error:` line and exit status 2, never a traceback.
 """
 
 import argparse
+import functools
 import math
 import re
+import sys
+import tempfile
+from pathlib import Path
 from types import GenericAlias
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers.hf_argparser import HfArgumentParser, string_to_bool
+
+# What a tool reports as its user's error: missing, unreadable, unwritable or invalid files (OSError), invalid values
+# (ValueError, a configuration's StrictDataclassError), missing optional packages (ImportError). Our own checks raise
+# these with a message naming the file or argument; anything else is a bug and keeps its traceback.
+USER_ERRORS = (OSError, ValueError, ImportError, StrictDataclassError)
+
+
+def reports_errors(main):
+    """Decorate a tool's `main(argv=None)`: a `USER_ERRORS` failure prints `error: <message>` and returns 2."""
+
+    @functools.wraps(main)
+    def main_reporting_errors(argv=None):
+        try:
+            return main(argv)
+        except USER_ERRORS as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+    return main_reporting_errors
 
 
 def other_spelling(option):
@@ -80,7 +105,8 @@ class ArgumentParser(HfArgumentParser):
             self.group(title)
         super()._add_dataclass_arguments(dtype)
 
-    def add_argument(self, *names, group=None, **kwargs):
+    def add_argument(self, *names, group=None, resumable_change=None, **kwargs):
+        # resumable_change: field metadata for resumed training runs (TrainingArguments), nothing the parser uses.
         # HfArgumentParser declares a field's kebab spelling too: here it is an alias, which parse_known_args adds.
         names = [name for name in names if "_" in name or other_spelling(name) not in names]
         dest = kwargs.get("dest") or (names[0].lstrip("-").replace("-", "_") if names else None)
@@ -131,6 +157,34 @@ class ArgumentParser(HfArgumentParser):
             self.error(str(error))
 
 
+def output_folder(text):
+    """
+    A folder a tool writes into, created if needed: refused at once when it, or the nearest of its parents that
+    exists, is a file, or when no file can be created there (a read-only folder or file system).
+    """
+    path = Path(text)
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{existing} is a file, not a folder" + ("" if existing == path else
+                                         f", so {text} cannot be created"))
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # permissions, read-only mounts, root: only a write can tell
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot write into {existing}: {error.strerror}") from None
+    return path
+
+
+def output_file(text):
+    """A file a tool writes, its folder created if needed: refused when it is a folder or `output_folder` refuses its
+    folder."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    output_folder(path.parent)
+    return path
+
+
 def positive_int(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -150,6 +204,22 @@ def positive_float(text):
         value = 0.0
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+# The largest input scale the tools take. The memory of a forward, and of the (K, H, W) logits kept per image, grows
+# with the square of the scale: at 4 a 1024x2048 frame becomes 4096x8192, 20 GB per float32 logit map of 150 classes,
+# of which inference holds a few. The paper's multi-scale test goes up to 1.75.
+MAX_IMAGE_SCALE = 4.0
+
+
+def image_scale(text):
+    """A factor by which an image is rescaled before the model: positive, at most `MAX_IMAGE_SCALE`."""
+    value = positive_float(text)
+    if value > MAX_IMAGE_SCALE:
+        raise argparse.ArgumentTypeError(
+            f"a scale is at most {MAX_IMAGE_SCALE:g}, got {text!r}: memory grows with the square of the scale (at "
+            f"{MAX_IMAGE_SCALE:g} a 1024x2048 image takes {MAX_IMAGE_SCALE ** 2:g} times the memory of scale 1)")
     return value
 
 
@@ -181,5 +251,5 @@ def region_grid(text):
     return int(match[1]), int(match[2])
 
 
-__all__ = ["ArgumentParser", "batch_shape", "non_negative_int", "opacity", "positive_float", "positive_int",
-           "region_grid"]
+__all__ = ["MAX_IMAGE_SCALE", "USER_ERRORS", "ArgumentParser", "batch_shape", "image_scale", "non_negative_int",
+           "opacity", "output_file", "output_folder", "positive_float", "positive_int", "region_grid", "reports_errors"]

@@ -10,26 +10,24 @@ Example:
 
 import sys
 
-from pcaa_hf.cli.arguments import ArgumentParser
+from pcaa_hf.cli.arguments import ArgumentParser, output_file, reports_errors
 from pcaa_hf.conversion.openmmlab_backbones import save_backbone_safetensors
 from pcaa_hf.model.backbone_pcaa import PCAAResNetBackbone
 from pcaa_hf.model.configuration_pcaa import BACKBONE_DEPTHS, PCAAConfig
 
 
+@reports_errors
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="open-mmlab's .pth file (a `state_dict` nesting is fine)")
     parser.add_argument("--depth", required=True, type=int, choices=BACKBONE_DEPTHS, help="the ResNet's depth")
-    parser.add_argument("--output", required=True, help="the .safetensors file to write")
+    parser.add_argument("--output", required=True, type=output_file,
+                        help="the .safetensors file to write (its folder is created if needed)")
     args = parser.parse_args(argv)
-    if not args.output.endswith(".safetensors"):
+    if args.output.suffix != ".safetensors":
         parser.error(f"--output must end with .safetensors, got {args.output}")
     backbone = PCAAResNetBackbone(PCAAConfig(backbone_depth=args.depth))
-    try:
-        output = save_backbone_safetensors(args.checkpoint, backbone, args.output)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    output = save_backbone_safetensors(args.checkpoint, backbone, args.output)
     print(f"Wrote {output}: {len(backbone.state_dict())} ResNet-{args.depth} V1c backbone tensors (fc.* left out).")
     return 0
 

@@ -9,9 +9,7 @@ Example:
 import logging
 import sys
 
-from huggingface_hub.errors import StrictDataclassError
-
-from pcaa_hf.cli.arguments import ArgumentParser, region_grid
+from pcaa_hf.cli.arguments import ArgumentParser, output_folder, positive_int, region_grid, reports_errors
 from pcaa_hf.conversion.original_checkpoints import ORIGINAL_BACKBONES, convert_original_checkpoint
 from pcaa_hf.data.label_sets import LABEL_SETS
 
@@ -19,10 +17,11 @@ from pcaa_hf.data.label_sets import LABEL_SETS
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="the authors' .pth state dict (a `module.` prefix is fine)")
-    parser.add_argument("--output", required=True,
+    parser.add_argument("--output", required=True, type=output_folder,
                         help="folder to write (config, model.safetensors, image processor and code files)")
     parser.add_argument("--backbone", required=True, choices=sorted(ORIGINAL_BACKBONES))
-    parser.add_argument("--num_labels", required=True, type=int, help="number of classes (19 Cityscapes, 150 ADE20K)")
+    parser.add_argument("--num_labels", required=True, type=positive_int,
+                        help="number of classes (19 Cityscapes, 150 ADE20K)")
     parser.add_argument("--bins", nargs="+", type=region_grid, default=[(4, 4)], metavar="RxC",
                         help="region grid of each PCAA module, as the authors' --bin_h/--bin_w (default: 4x4)")
     parser.add_argument("--multi_grid", action="store_true", help="the model was trained with --multi-grid")
@@ -33,17 +32,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@reports_errors
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        model = convert_original_checkpoint(
-            args.checkpoint, args.output, args.backbone, args.num_labels, args.bins, multi_grid=args.multi_grid,
-            dropout=args.dropout, dataset=args.dataset, overwrite=args.overwrite,
-        )
-    except (OSError, ValueError, RuntimeError, StrictDataclassError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model = convert_original_checkpoint(
+        args.checkpoint, args.output, args.backbone, args.num_labels, args.bins, multi_grid=args.multi_grid,
+        dropout=args.dropout, dataset=args.dataset, overwrite=args.overwrite,
+    )
     parameters = sum(p.numel() for p in model.parameters())
     print(f"Wrote {args.output}: PCAA {args.backbone}, {model.config.num_labels} classes, bins {args.bins}, "
           f"{parameters / 1e6:.2f}M parameters; reloaded with no missing or unexpected keys.")

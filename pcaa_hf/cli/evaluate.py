@@ -23,18 +23,25 @@ import time
 from pathlib import Path
 
 from accelerate import Accelerator
-from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 import pcaa_hf  # noqa: F401  (registers PCAA with the Auto classes)
-from pcaa_hf.cli.arguments import ArgumentParser, non_negative_int, positive_int
+from pcaa_hf.cli.arguments import (
+    ArgumentParser,
+    image_scale,
+    non_negative_int,
+    output_folder,
+    positive_int,
+    reports_errors,
+)
 from pcaa_hf.data.builders import label_names, open_dataset, select_split
 from pcaa_hf.data.label_sets import IGNORE_INDEX
 from pcaa_hf.data.transforms import EvalTransform
 from pcaa_hf.evaluation.prediction_files import PredictionWriter, read_label_map
 from pcaa_hf.evaluation.scoring import evaluate_segmentation, metrics_to_json, results_table
+from pcaa_hf.inference.model_folders import load_saved_image_processor, load_saved_model
 from pcaa_hf.inference.segmentation_inference import MODES, SegmentationInference
 from pcaa_hf.utils.atomic_folders import write_json_atomically
-from pcaa_hf.utils.process_settings import configure_cpu_process
+from pcaa_hf.utils.process_settings import check_mixed_precision, configure_cpu_process
 
 logger = logging.getLogger("evaluate")
 
@@ -59,11 +66,11 @@ def parse_args(argv=None):
                              "(e.g. Cityscapes label ids; unmapped values are kept)")
     parser.add_argument("--mode", choices=MODES,
                         help="whole image or sliding window (default: slide for cityscapes, whole otherwise)")
-    parser.add_argument("--crop_size", type=int, nargs=2, default=(768, 768), metavar=("H", "W"),
+    parser.add_argument("--crop_size", type=positive_int, nargs=2, default=(768, 768), metavar=("H", "W"),
                         help="sliding window size (default: 768 768)")
-    parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"),
+    parser.add_argument("--stride", type=positive_int, nargs=2, metavar=("H", "W"),
                         help="sliding window stride (default: 2/3 of the crop, the paper's overlap of 1/3)")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
+    parser.add_argument("--scales", type=image_scale, nargs="+", default=[1.0],
                         help="input scales whose logits are averaged (the paper's multi-scale test: 0.5 0.75 1.0 "
                              "1.25 1.5 1.75)")
     parser.add_argument("--flip", action="store_true", help="also average the logits of flipped inputs")
@@ -75,7 +82,8 @@ def parse_args(argv=None):
     parser.add_argument("--max_samples", type=positive_int, help="evaluate only the first N images of the split")
     parser.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"),
                         help="autocast precision (default: accelerate's configuration, else no)")
-    parser.add_argument("--output_dir", default="evaluation", help="where results.json and PNGs go")
+    parser.add_argument("--output_dir", type=output_folder, default="evaluation",
+                        help="where results.json and PNGs go")
     parser.add_argument("--save_predictions", action="store_true",
                         help="write each prediction as a PNG in the data set's palette (predictions/)")
     parser.add_argument("--cityscapes_test_format", action="store_true",
@@ -87,9 +95,6 @@ def parse_args(argv=None):
     args.mode = args.mode or DEFAULT_MODES[args.dataset]
     if (args.reduce_labels or args.label_map) and args.dataset != "datasets":
         parser.error("--reduce_labels and --label_map apply to --dataset datasets (the builders convert labels)")
-    output = Path(args.output_dir)
-    if output.exists() and not output.is_dir():
-        parser.error(f"--output_dir {output} exists and is not a folder")
     return args
 
 
@@ -100,58 +105,51 @@ def open_split(args, id2label):
     return select_split(splits, args.split, args.data, args.max_samples)
 
 
+@reports_errors
 def main(argv=None):
     args = parse_args(argv)
     configure_cpu_process()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    try:
-        inference = SegmentationInference(args.mode, tuple(args.crop_size), args.stride and tuple(args.stride),
-                                          tuple(args.scales), args.flip, args.window_batch_size)
-        model = AutoModelForSemanticSegmentation.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        id2label = {int(index): name for index, name in model.config.id2label.items()}
-        if args.dataset == "datasets" and not (args.reduce_labels or args.label_map) and (
-                processor.do_reduce_labels or processor.label_map):
-            logger.warning("The model's image processor converts raw labels (reduce_labels=%s, label_map=%s); this "
-                           "data set's labels are scored as they are. Pass --reduce_labels or --label_map if they "
-                           "are raw.", processor.do_reduce_labels, bool(processor.label_map))
-        split = open_split(args, id2label)
-        split_labels = label_names(split)
-        if len(split_labels) != len(id2label):
-            raise ValueError(f"The model predicts {len(id2label)} classes but {args.data} has {len(split_labels)}.")
-        writer = None
-        if args.save_predictions or args.cityscapes_test_format:
-            writer = PredictionWriter(args.output_dir, split, split_labels, palette=args.save_predictions,
-                                      cityscapes_label_ids=args.cityscapes_test_format)
-    except (OSError, ValueError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    check_mixed_precision(accelerator)
+    inference = SegmentationInference(args.mode, tuple(args.crop_size), args.stride and tuple(args.stride),
+                                      tuple(args.scales), args.flip, args.window_batch_size)
+    model = load_saved_model(args.model, trust_remote_code=args.trust_remote_code)
+    processor = load_saved_image_processor(args.model, trust_remote_code=args.trust_remote_code)
+    id2label = {int(index): name for index, name in model.config.id2label.items()}
+    if args.dataset == "datasets" and not (args.reduce_labels or args.label_map) and (
+            processor.do_reduce_labels or processor.label_map):
+        logger.warning("The model's image processor converts raw labels (reduce_labels=%s, label_map=%s); this "
+                       "data set's labels are scored as they are. Pass --reduce_labels or --label_map if they "
+                       "are raw.", processor.do_reduce_labels, bool(processor.label_map))
+    split = open_split(args, id2label)
+    split_labels = label_names(split)
+    if len(split_labels) != len(id2label):
+        raise ValueError(f"The model predicts {len(id2label)} classes but {args.data} has {len(split_labels)}.")
+    writer = None
+    if args.save_predictions or args.cityscapes_test_format:
+        writer = PredictionWriter(args.output_dir, split, split_labels, palette=args.save_predictions,
+                                  cityscapes_label_ids=args.cityscapes_test_format)
 
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # before the work whose results go there
+    args.output_dir.mkdir(parents=True, exist_ok=True)  # before the work whose results go there
     model.to(accelerator.device)
     logger.info("Evaluating %s on %s (%s, %d images) with %s, %d process(es)", args.model, args.data, args.split,
                 len(split), inference, accelerator.num_processes)
     start = time.perf_counter()
-    try:
-        metrics = evaluate_segmentation(
-            model, split.with_transform(EvalTransform(image_processor=processor)), len(id2label), inference,
-            accelerator=accelerator, batch_size=args.batch_size, num_workers=args.num_workers,
-            ignore_index=IGNORE_INDEX, on_prediction=writer,
-        )
-    except ValueError as error:  # invalid label values, unreadable images: named by the evaluation
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    # Invalid label values and unreadable images are ValueErrors naming the image: one `error:` line.
+    metrics = evaluate_segmentation(
+        model, split.with_transform(EvalTransform(image_processor=processor)), len(id2label), inference,
+        accelerator=accelerator, batch_size=args.batch_size, num_workers=args.num_workers,
+        ignore_index=IGNORE_INDEX, on_prediction=writer,
+    )
     seconds = time.perf_counter() - start
     if accelerator.is_main_process:
         results = {"model": args.model, "dataset": args.dataset, "data": args.data, "split": args.split,
                    "inference": inference.to_dict(), "processes": accelerator.num_processes,
                    "seconds": round(seconds, 3), **metrics_to_json(metrics, split_labels)}
-        output = Path(args.output_dir)
-        output.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(output / "results.json", results)
+        write_json_atomically(args.output_dir / "results.json", results)
         print(results_table(metrics, split_labels))
-        print(f"{metrics['num_images']} images in {seconds:.1f} s; results in {output / 'results.json'}")
+        print(f"{metrics['num_images']} images in {seconds:.1f} s; results in {args.output_dir / 'results.json'}")
     return 0
 
 

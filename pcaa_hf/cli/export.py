@@ -22,9 +22,14 @@ import logging
 import sys
 import warnings
 
-from huggingface_hub.errors import StrictDataclassError
-
-from pcaa_hf.cli.arguments import ArgumentParser, batch_shape, positive_float, positive_int
+from pcaa_hf.cli.arguments import (
+    ArgumentParser,
+    batch_shape,
+    output_folder,
+    positive_float,
+    positive_int,
+    reports_errors,
+)
 from pcaa_hf.publishing.exporting import DEFAULT_EXAMPLE_SIZE, EXPORT_FORMATS, export_to_folder
 from pcaa_hf.utils.process_settings import configure_cpu_process
 
@@ -35,7 +40,7 @@ def parse_args(argv=None):
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS,
                         help="dynamo: torch.export's model.pt2; onnx: model.onnx (+ model.onnx.data) for ONNX Runtime; "
                              "openvino: openvino_model.xml/.bin")
-    parser.add_argument("--output_dir", required=True, help="folder to write the export to")
+    parser.add_argument("--output_dir", required=True, type=output_folder, help="folder to write the export to")
     parser.add_argument("--dynamic", action="store_true", default=True,
                         help="dynamic batch size, height and width (default)")
     parser.add_argument("--no_dynamic", "--static", dest="dynamic", action="store_false",
@@ -63,24 +68,21 @@ def parse_args(argv=None):
     return args
 
 
+@reports_errors
 def main(argv=None):
     configure_cpu_process()
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     options = {} if args.opset_version is None else {"opset_version": args.opset_version}
-    try:
-        with warnings.catch_warnings():
-            # torch.export's and onnxscript's deprecation chatter about their own internals.
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            report = export_to_folder(
-                args.model, args.output_dir, args.format, dynamic=args.dynamic, example_size=args.example_size,
-                batch_size=args.example_batch_size, check_shapes=args.check_shapes, tolerance=args.tolerance,
-                overwrite=args.overwrite, **options,
-            )
-    except (OSError, ImportError, ValueError, RuntimeError, TypeError, StrictDataclassError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        # torch.export's and onnxscript's deprecation chatter about their own internals.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        report = export_to_folder(
+            args.model, args.output_dir, args.format, dynamic=args.dynamic, example_size=args.example_size,
+            batch_size=args.example_batch_size, check_shapes=args.check_shapes, tolerance=args.tolerance,
+            overwrite=args.overwrite, **options,
+        )
     axes = "dynamic batch size, height and width" if report.dynamic else "static shape"
     print(f"Exported {args.model} as {report.format} ({axes}) to {report.output_dir}, traced on "
           f"{'x'.join(map(str, report.example_shape))} in {report.export_seconds:.1f} s.")

@@ -12,9 +12,8 @@ Options change the defaults; `pcaa-train --help` has the full set for real data.
 import logging
 import sys
 import time
-from pathlib import Path
 
-from pcaa_hf.cli.arguments import ArgumentParser
+from pcaa_hf.cli.arguments import ArgumentParser, non_negative_int, output_folder, positive_int, reports_errors
 from pcaa_hf.data.synthetic import write_cityscapes_tree
 from pcaa_hf.training.arguments import TrainingArguments
 from pcaa_hf.training.trainer import Trainer
@@ -23,22 +22,25 @@ from pcaa_hf.utils.process_settings import configure_cpu_process
 logger = logging.getLogger("main_job")
 
 
+@reports_errors
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--output_dir", default="runs/main_job", help="data, checkpoints and exports go here")
-    parser.add_argument("--num_train", type=int, default=96, help="generated training frames")
-    parser.add_argument("--num_val", type=int, default=24, help="generated validation frames")
-    parser.add_argument("--max_train_steps", type=int, default=900)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", type=output_folder, default="runs/main_job",
+                        help="data, checkpoints and exports go here")
+    parser.add_argument("--num_train", type=positive_int, default=96, help="generated training frames")
+    parser.add_argument("--num_val", type=positive_int, default=24, help="generated validation frames")
+    parser.add_argument("--max_train_steps", type=positive_int, default=900)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     options = parser.parse_args(argv)
     configure_cpu_process()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
 
-    output = Path(options.output_dir)
+    output = options.output_dir
     data = output / "data"
-    if not (data / "gtFine").is_dir():
-        counts = write_cityscapes_tree(data, options.num_train, options.num_val, size=(256, 128), seed=options.seed)
+    if not (data / "gtFine").is_dir():  # leftImg8bit/ alone is what an interrupted generation left: replaced
+        counts = write_cityscapes_tree(data, options.num_train, options.num_val, size=(256, 128), seed=options.seed,
+                                       overwrite=True)
         logger.info("Generated a Cityscapes-layout data set in %s: %s frames of 256x128", data, counts)
     args = TrainingArguments(
         output_dir=str(output), dataset_type="cityscapes", data=str(data),

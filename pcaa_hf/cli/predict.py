@@ -24,13 +24,12 @@ Examples:
 import logging
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pcaa_hf.cli.arguments import ArgumentParser, opacity, positive_float, positive_int
+from pcaa_hf.cli.arguments import ArgumentParser, image_scale, opacity, output_folder, positive_int, reports_errors
 from pcaa_hf.inference.prediction import (
     DEFAULT_TOP_CLASSES,
     PredictionError,
@@ -52,7 +51,8 @@ def parse_args(argv=None):
                         help="a folder written by save_pretrained (with the image processor) or a Hub id; "
                              "Hub models load offline once cached")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, or folders searched recursively")
-    parser.add_argument("--output_dir", required=True, type=Path, help="folder for the outputs (created if needed)")
+    parser.add_argument("--output_dir", required=True, type=output_folder,
+                        help="folder for the outputs (created if needed)")
     parser.add_argument("--mode", choices=MODES, default="whole",
                         help="whole: one forward per image; slide: overlapping windows, as the paper evaluates "
                              "Cityscapes (default: whole)")
@@ -60,7 +60,7 @@ def parse_args(argv=None):
                         help="window size in --mode slide, in pixels of the processed image (default: 768 768)")
     parser.add_argument("--stride", nargs=2, type=positive_int, metavar=("H", "W"),
                         help="window step in --mode slide (default: two thirds of the crop, the paper's overlap)")
-    parser.add_argument("--scales", nargs="+", type=positive_float, default=[1.0], metavar="SCALE",
+    parser.add_argument("--scales", nargs="+", type=image_scale, default=[1.0], metavar="SCALE",
                         help="rescale the processed image by each factor and average the logits (the paper's "
                              "multi-scale test: 0.5 0.75 1.0 1.25 1.5 1.75; default: 1.0)")
     parser.add_argument("--flip", action="store_true", help="also average the logits of the mirrored image")
@@ -90,8 +90,6 @@ def parse_args(argv=None):
         parser.error("--crop_size and --stride only apply to --mode slide")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: PyTorch sees no CUDA device here; use --device cpu")
-    if args.output_dir.exists() and not args.output_dir.is_dir():
-        parser.error(f"--output_dir {args.output_dir} exists and is not a folder")
     return args
 
 
@@ -141,15 +139,12 @@ def run(args):
           f"on {args.device}; outputs in {args.output_dir}")
 
 
+@reports_errors
 def main(argv=None):
     args = parse_args(argv)
     configure_cpu_process()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(args)
-    except PredictionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    run(args)
     return 0
 
 

@@ -11,9 +11,12 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from pcaa_hf.inference.model_folders import check_safetensors_file
+
 from .original_checkpoints import (
     BACKBONE_KEY_RULES,
     CheckpointMismatchError,
+    check_finite,
     load_original_state_dict,
     match_state_dict,
     rename_key,
@@ -35,7 +38,9 @@ def openmmlab_backbone_state_dict(path, backbone):
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"Backbone weights {path} do not exist.")
+        check_safetensors_file(path)
         state_dict, rename = load_file(path), lambda key: key
+        check_finite(state_dict, path)
     else:
         state_dict = load_original_state_dict(path)
         state_dict = {key: value for key, value in state_dict.items()
@@ -60,9 +65,13 @@ def load_pretrained_backbone(model, path):
 
 
 def save_backbone_safetensors(path, backbone, output):
-    """Convert an open-mmlab checkpoint into a safetensors file of `backbone`'s weights under our names."""
+    """
+    Convert an open-mmlab checkpoint into a safetensors file of `backbone`'s weights under our names, creating the
+    folder of `output` if needed.
+    """
     weights = openmmlab_backbone_state_dict(path, backbone)
     output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
     save_file({key: value.contiguous() for key, value in weights.items()}, str(partial),
               metadata={"format": "pt", "source": Path(path).name})

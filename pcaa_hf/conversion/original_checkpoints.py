@@ -3,6 +3,7 @@ folders."""
 
 import importlib.util
 import logging
+import pickle
 import re
 import sys
 import types
@@ -15,6 +16,7 @@ from pcaa_hf.model.configuration_pcaa import PCAAConfig
 from pcaa_hf.model.image_processing_pcaa import PCAAImageProcessor
 from pcaa_hf.model.modeling_pcaa import PCAAForSemanticSegmentation
 from pcaa_hf.utils.atomic_folders import write_folder_atomically
+from pcaa_hf.utils.safe_loading import weights_only_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +98,28 @@ def load_original_state_dict(path):
         raise FileNotFoundError(f"Checkpoint {path} does not exist or is not a file.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path} holds objects other than tensors, which could run code when loaded: refused "
+                         f"({weights_only_refusal(error)}).") from None
     except Exception as error:
-        raise ValueError(f"Cannot read {path} as a torch checkpoint of tensors (weights_only=True): {error}") from error
+        raise ValueError(f"Cannot read {path} as a torch checkpoint of tensors: {error}") from error
     for nested in ("state_dict", "model"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(nested), dict):
             checkpoint = checkpoint[nested]
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors).")
+    check_finite(checkpoint, path)
     return {key.removeprefix("module."): value for key, value in checkpoint.items()}
+
+
+def check_finite(state_dict, path):
+    """Refuse weights holding NaN or infinite values, naming the tensors: they come from a diverged or damaged run."""
+    broken = sorted(key for key, value in state_dict.items()
+                    if value.is_floating_point() and not torch.isfinite(value).all())
+    if broken:
+        raise ValueError(f"{path} holds NaN or infinite values in {len(broken)} tensor(s): {', '.join(broken[:10])}"
+                         + (f" and {len(broken) - 10} more" if len(broken) > 10 else "")
+                         + "; weights from a diverged or damaged run cannot be converted.")
 
 
 def _listing(items):

@@ -7,6 +7,7 @@ both predictions and references has NaN IoU and accuracy and is left out of the 
 counts such classes as 0; `ConfusionMatrix.compute` reports that figure beside ours.
 """
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +21,8 @@ from pcaa_hf.data.label_sets import IGNORE_INDEX
 EVALUATE_MODULE = str(Path(__file__).parent / "evaluate_module" / "mean_iou.py")
 
 METRIC_KEYS = ("mean_iou", "mean_accuracy", "overall_accuracy", "per_category_iou", "per_category_accuracy")
+# Reference values spanning more than this are mapped value by value rather than through a lookup table.
+MAX_TABLE_SIZE = 1 << 24
 
 
 def summarise_confusion(matrix, nan_to_num=None):
@@ -104,6 +107,12 @@ class ReferenceRows:
         self.label_map = label_map
         self.reduce_labels = reduce_labels
         self.window = (0, np.empty(0, dtype=np.int64))  # (lowest value, table); one attribute, so threads agree
+        # Every raw value that can be scored lies in this span: the classes, the ignore index, label_map's keys and
+        # their neighbours under reduce_labels. Maps of wide dtypes outside it are invalid without looking further.
+        special = [0, num_labels, ignore_index, *(int(key) for key in label_map or ())]
+        if reduce_labels:
+            special += [ignore_index + 1, 255]
+        self.span = (min(special), max(special))
 
     def classes(self, values):
         """Mapped class ids of the raw `values` (int64)."""
@@ -121,14 +130,17 @@ class ReferenceRows:
             return np.zeros(reference.shape, dtype=np.int64)
         if reference.dtype in (np.uint8, np.uint16):
             low, high = 0, int(np.iinfo(reference.dtype).max)
+            outside = False
         else:
             low, high = int(reference.min()), int(reference.max())
-        if high - low >= 1 << 24:  # a few huge values: map the distinct ones instead of a table
-            values, inverse = np.unique(reference, return_inverse=True)
-            return self.offsets(values.astype(np.int64))[inverse].reshape(reference.shape)
+            outside = low < self.span[0] or high > self.span[1]
         table_low, table = self.window
         if low < table_low or high >= table_low + len(table):
             low, high = min(low, table_low), max(high, table_low + len(table) - 1)
+            if outside or high - low >= MAX_TABLE_SIZE:
+                # Invalid values (flagged by their offsets), or valid ones far apart: map the distinct values only.
+                values, inverse = np.unique(reference, return_inverse=True)
+                return self.offsets(values.astype(np.int64))[inverse].reshape(reference.shape)
             table_low, table = self.window = (low, self.offsets(np.arange(low, high + 1, dtype=np.int64)))
         return table[reference if table_low == 0 else reference.astype(np.int64) - table_low]
 
@@ -143,6 +155,26 @@ def check_values(values, num_labels, ignore_index, name, allow_ignore):
         allowed = f"[0, {num_labels})" + (f" or the ignore index {ignore_index}" if allow_ignore else "")
         raise ValueError(f"{name} holds values outside {allowed}: {bad[:10].tolist()}"
                          + (f" and {bad.size - 10} more" if bad.size > 10 else "") + ".")
+
+
+def memory_size(device):
+    """Bytes of memory of `device`: a CUDA device's own, otherwise the machine's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_table_size(num_labels, copies, device):
+    """
+    Refuse a `num_labels` whose `copies` (K + 1, K) int64 count tables (a confusion matrix and the spare row of
+    ignored pixels) would not fit in `device`'s memory, rather than fail inside numpy or torch when allocating them.
+    """
+    needed = copies * (num_labels + 1) * num_labels * 8
+    available = memory_size(device)
+    if needed > available:
+        raise ValueError(f"num_labels={num_labels} needs {copies} confusion table(s) of {num_labels + 1}x{num_labels} "
+                         f"int64 pixel counts, {needed / 2 ** 30:.1f} GiB, more than the "
+                         f"{available / 2 ** 30:.1f} GiB of memory of {device}.")
 
 
 def pair_confusion(prediction, reference, index, rows):
@@ -166,6 +198,14 @@ def pair_confusion(prediction, reference, index, rows):
     return counts[: num_labels * num_labels].reshape(num_labels, num_labels)
 
 
+def confusion_sum(pairs):
+    """The summed confusion matrix of `pair_confusion`'s (prediction, reference, index, rows) `pairs`."""
+    matrix = pair_confusion(*pairs[0])
+    for pair in pairs[1:]:
+        matrix += pair_confusion(*pair)
+    return matrix
+
+
 def mean_iou(predictions, references, num_labels, ignore_index, nan_to_num=None, label_map=None, reduce_labels=False):
     """
     A drop-in for `evaluate.load("mean_iou").compute(...)` with the same arguments and result: `mean_iou`,
@@ -183,13 +223,18 @@ def mean_iou(predictions, references, num_labels, ignore_index, nan_to_num=None,
         raise ValueError("mean_iou needs at least one prediction/reference pair, got empty lists.")
     if len(predictions) != len(references):
         raise ValueError(f"Got {len(predictions)} predictions but {len(references)} references.")
-    rows = ReferenceRows(int(num_labels), ignore_index, label_map, reduce_labels)
+    num_labels = int(num_labels)
+    check_table_size(num_labels, 2, torch.device("cpu"))  # one thread's sum and the table of the map it scores
+    rows = ReferenceRows(num_labels, ignore_index, label_map, reduce_labels)
     pairs = [(prediction, reference, index, rows)
              for index, (prediction, reference) in enumerate(zip(predictions, references))]
-    # numpy's table lookups and bincount release the GIL: two threads score two maps at once.
-    with ThreadPoolExecutor(max_workers=min(len(pairs), len(os.sched_getaffinity(0)), 4)) as pool:
-        matrix = sum(pool.map(lambda pair: pair_confusion(*pair), pairs))
-    return summarise_confusion(matrix, nan_to_num)
+    # numpy's table lookups and bincount release the GIL: two threads score two maps at once. Each thread sums its
+    # share of the maps, so memory holds two tables per thread however many maps there are.
+    table_bytes = 2 * (num_labels + 1) * num_labels * 8
+    workers = min(len(pairs), len(os.sched_getaffinity(0)), 4, memory_size(torch.device("cpu")) // table_bytes)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        sums = list(pool.map(confusion_sum, (pairs[start::workers] for start in range(workers))))
+    return summarise_confusion(functools.reduce(np.add, sums), nan_to_num)
 
 
 class ConfusionMatrix:
@@ -203,6 +248,8 @@ class ConfusionMatrix:
     """
 
     def __init__(self, num_labels, ignore_index=IGNORE_INDEX, device=None):
+        device = torch.device(device or "cpu")
+        check_table_size(num_labels, 2, device)  # the matrix and one update's counts
         self.num_labels = num_labels
         self.ignore_index = ignore_index
         self.matrix = torch.zeros(num_labels, num_labels, dtype=torch.int64, device=device)

@@ -24,27 +24,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from huggingface_hub.errors import StrictDataclassError
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 from transformers.image_transforms import convert_to_rgb
 
 import pcaa_hf  # noqa: F401  (registers PCAA with the Auto classes)
+from pcaa_hf.inference.model_folders import load_saved_image_processor, load_saved_model, one_line
 from pcaa_hf.inference.segmentation_inference import SegmentationInference
 from pcaa_hf.inference.visualisation import colourise, heatmap_overlay, overlay, palette_for, partial_class_activations
 from pcaa_hf.model.image_processing_pcaa import open_image, to_eight_bit
 
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
-HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 DEFAULT_TOP_CLASSES = 3
 
 
-class PredictionError(Exception):
+class PredictionError(ValueError):
     """A mistake in the inputs of a prediction (files, model, classes), said in one line."""
-
-
-def one_line(error):
-    return " ".join(str(error).split())
 
 
 def find_images(inputs, output_dir):
@@ -79,20 +73,8 @@ def find_images(inputs, output_dir):
 
 def load_model(name, device, trust_remote_code=False):
     """The model (in eval mode on `device`) and image processor of a save_pretrained folder or Hub id `name`."""
-    path = Path(name)
-    if path.is_file():
-        raise PredictionError(f"model {name} is a file; MODEL is a folder written by save_pretrained or a Hub id")
-    if not path.exists() and not HUB_ID.fullmatch(str(name)):
-        raise PredictionError(f"model folder {name} does not exist")
-    try:
-        model = AutoModelForSemanticSegmentation.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, StrictDataclassError) as error:
-        tried = "" if path.exists() else " (no folder of that name here, so it was tried as a Hub id)"
-        raise PredictionError(f"cannot load the model {name}{tried}: {one_line(error)}") from error
-    try:
-        processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise PredictionError(f"cannot load the image processor of {name}: {one_line(error)}") from error
+    model = load_saved_model(name, trust_remote_code=trust_remote_code)
+    processor = load_saved_image_processor(name, trust_remote_code=trust_remote_code)
     if model.config.num_labels > 256:
         raise PredictionError(f"model {name} has {model.config.num_labels} classes; palette PNG masks hold at most "
                               "256")

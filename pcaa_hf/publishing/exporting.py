@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from pcaa_hf.inference.model_folders import load_saved_image_processor, load_saved_model
 from pcaa_hf.utils.atomic_folders import write_folder_atomically
 
 EXPORT_FORMATS = ("dynamo", "onnx", "openvino")
@@ -195,15 +196,10 @@ def export_to_folder(model, output_dir, format="onnx", dynamic=True, example_siz
                               "(overwrite=True, --overwrite).")
     processor = None
     if isinstance(model, (str, Path)):
-        folder = Path(model)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"`model` {folder} is not a model folder (no config.json there).")
-        # pcaa_hf, imported with this module, registered PCAA with the Auto classes.
-        from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
-
-        model = AutoModelForSemanticSegmentation.from_pretrained(folder)
-        if (folder / "preprocessor_config.json").is_file():
-            processor = AutoImageProcessor.from_pretrained(folder)
+        folder = model
+        model = load_saved_model(folder)
+        if (Path(folder) / "preprocessor_config.json").is_file():
+            processor = load_saved_image_processor(folder)
     check_pcaa_model(model)
     if batch_size is None:
         batch_size = 2 if dynamic else 1
@@ -225,7 +221,7 @@ def export_to_folder(model, output_dir, format="onnx", dynamic=True, example_siz
         failed = [check for check in report.checks
                   if not check.max_abs_difference <= tolerance * max(1.0, check.logits_scale)]
         if failed:
-            raise RuntimeError(f"The {format} export differs from the eager model by more than the tolerance "
+            raise ValueError(f"The {format} export differs from the eager model by more than the tolerance "
                                f"{tolerance} (relative to max(1, max |logits|)): "
                                + "; ".join(map(str, failed)))
         report.files = sorted(path.name for path in Path(staging).iterdir())

@@ -11,6 +11,7 @@ import re
 from importlib.resources import files
 from pathlib import Path
 
+import jinja2
 import numpy as np
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -316,7 +317,23 @@ def render_model_card(template_path, *, repo_id, config, id2label, metrics=None,
         evaluated=metrics is not None,
         results=results,
     )
-    return ModelCard.from_template(card_data, template_path=str(template_path), **variables)
+    return ModelCard(render_template(template_path, card_data=card_data.to_yaml(), **variables))
+
+
+def render_template(template_path, **variables):
+    """
+    The text of the Jinja template at `template_path` filled with `variables`, as `ModelCard.from_template` renders
+    it, except that a name the template uses but no variable defines is an error rather than an empty string. A
+    broken template is a ValueError naming the file, the line and Jinja's message.
+    """
+    try:
+        template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(
+            Path(template_path).read_text(encoding="utf-8"))
+        return template.render(**variables)
+    except jinja2.TemplateError as error:
+        line = f", line {error.lineno}" if getattr(error, "lineno", None) else ""
+        raise ValueError(f"model card template {template_path}{line}: {type(error).__name__}: "
+                         f"{error.message}") from None
 
 
 __all__ = ["default_template", "render_model_card"]

@@ -1,4 +1,7 @@
-"""Process-wide memory settings for large CPU tensors, applied by the command-line tools (never by the library)."""
+"""
+Process-wide memory settings for large CPU tensors, applied by the command-line tools (never by the library), and the
+check of a run's mixed precision against its device, shared by training and evaluation.
+"""
 
 import ctypes
 import os
@@ -41,4 +44,14 @@ def configure_cpu_process() -> bool:
     return reuse_freed_cpu_memory()
 
 
-__all__ = ["configure_cpu_process", "reuse_freed_cpu_memory"]
+def check_mixed_precision(accelerator):
+    """
+    Refuse fp16 autocast on a CPU: accelerate accepts it there but runs in float32, so a run or evaluation asked for
+    fp16 would silently measure something else. bf16 is the CPU's half precision.
+    """
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+        raise ValueError("mixed_precision fp16 does nothing on CPUs (it would silently run in float32): use bf16 "
+                         "or no.")
+
+
+__all__ = ["check_mixed_precision", "configure_cpu_process", "reuse_freed_cpu_memory"]
