@@ -20,7 +20,9 @@ from pcaa_hf.cli.train import build_parser
 from pcaa_hf.cli.train import main as train_main
 from pcaa_hf.data.synthetic import write_cityscapes_tree
 from pcaa_hf.training.arguments import TrainingArguments
-from pcaa_hf.training.trainer import TRAINER_STATE, epoch_batches, poly_schedule, resolve_checkpoint
+from pcaa_hf.training.checkpoints import TRAINER_STATE, resolve_checkpoint
+from pcaa_hf.training.trainer import epoch_batches, poly_schedule
+from pcaa_hf.utils.atomic_folders import write_manifest
 from pcaa_testing import two_cpu_processes_launcher
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
@@ -156,17 +158,18 @@ def test_help_lists_every_option_once_with_its_default_and_the_recipes():
     assert "@scripts/recipes/cityscapes_r50.args" in text
 
 
-def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
+def test_latest_checkpoint_is_the_newest_intact_one(tmp_path, caplog):
     checkpoints = tmp_path / "checkpoints"
-    for name, complete in (("checkpoint-2", True), ("checkpoint-10", True), (".checkpoint-12.partial", True),
-                           ("checkpoint-11", False)):
+    for name in ("checkpoint-2", "checkpoint-10", ".checkpoint-12.partial", "checkpoint-11"):
         (checkpoints / name).mkdir(parents=True)
-        if complete:
-            (checkpoints / name / TRAINER_STATE).write_text("{}")
-    assert resolve_checkpoint("latest", tmp_path) == checkpoints / "checkpoint-10"
+        (checkpoints / name / TRAINER_STATE).write_text("{}")
+        write_manifest(checkpoints / name)
+    (checkpoints / "checkpoint-11" / TRAINER_STATE).write_text("{")  # damaged after it was completed
+    assert resolve_checkpoint("latest", checkpoints) == checkpoints / "checkpoint-10"
+    assert "checkpoint-11 is broken and is skipped" in caplog.text and TRAINER_STATE in caplog.text
     assert resolve_checkpoint("latest", tmp_path / "nothing") is None
-    with pytest.raises(FileNotFoundError, match="checkpoint-11 is not a complete checkpoint"):
-        resolve_checkpoint(str(checkpoints / "checkpoint-11"), tmp_path)
+    with pytest.raises(ValueError, match=f"checkpoint-11/{TRAINER_STATE} has 1 bytes instead of 2"):
+        resolve_checkpoint(str(checkpoints / "checkpoint-11"), checkpoints)
 
 
 @pytest.fixture(scope="module")
@@ -328,5 +331,5 @@ def test_setup_refuses_a_broken_template_and_a_changed_run_before_training(gener
     Trainer(small_arguments(generated_data, tmp_path / "b")).train()
     changed = small_arguments(generated_data, tmp_path / "b", per_device_train_batch_size=2, max_train_steps=4,
                               resume_from_checkpoint="latest")
-    with pytest.raises(ValueError, match="per_device_train_batch_size from 4 to 2.*max_train_steps from 2 to 4"):
+    with pytest.raises(ValueError, match="max_train_steps 2 -> 4; per_device_train_batch_size 4 -> 2"):
         Trainer(changed).prepare()

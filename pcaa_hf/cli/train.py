@@ -20,12 +20,10 @@ spelling, --output-dir, is accepted too). Recipe files: one option and its value
 import logging
 import sys
 
-from huggingface_hub.errors import StrictDataclassError
-
-from pcaa_hf.cli.arguments import ArgumentParser, region_grid
+from pcaa_hf.cli.arguments import ArgumentParser, region_grid, reports_errors
 from pcaa_hf.publishing.hub import HubPublisher
 from pcaa_hf.training.arguments import TrainingArguments
-from pcaa_hf.training.trainer import Trainer
+from pcaa_hf.training.trainer import OtherProcessFailedError, Trainer, TrainingDivergedError
 from pcaa_hf.utils.process_settings import configure_cpu_process
 
 
@@ -35,20 +33,20 @@ def build_parser():
                           fromfile_prefix_chars="@")
 
 
+@reports_errors
 def main(argv=None):
     (args,) = build_parser().parse_into_dataclasses(argv)
     configure_cpu_process()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     publisher = HubPublisher(args.hub_model_id, token=args.hub_token) if args.push_to_hub else None
+    trainer = Trainer(args, publisher=publisher)
+    if not trainer.accelerator.is_main_process:  # one copy of the log, from the main process
+        logging.getLogger().setLevel(logging.WARNING)
     try:
-        trainer = Trainer(args, publisher=publisher)
-        if not trainer.accelerator.is_main_process:  # one copy of the log, from the main process
-            logging.getLogger().setLevel(logging.WARNING)
-        trainer.prepare()  # data, model, resume, model card template: where a wrong argument or file shows up
-    except (OSError, ValueError, KeyError, StrictDataclassError) as error:  # CheckpointMismatchError included
+        metrics = trainer.train()
+    except (TrainingDivergedError, OtherProcessFailedError) as error:  # the run's failures, not a bug's
         print(f"error: {error}", file=sys.stderr)
         return 2
-    metrics = trainer.train()
     if metrics is not None and trainer.accelerator.is_main_process:
         print(f"Final mIoU {float(metrics['mean_iou']):.4f} on {metrics['num_images']} images; model in "
               f"{args.output_dir}/model")

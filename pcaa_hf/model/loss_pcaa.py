@@ -111,7 +111,9 @@ def region_focal_loss(region_scores, labels, grid, ignore_index, label_threshold
     fractions = region_class_fractions(labels, scores.shape[1], grid, ignore_index, scores.dtype)
     targets = (fractions > 0).to(scores.dtype)
     valid = ~((fractions > 0) & (fractions < label_threshold))
-    cross_entropy = F.binary_cross_entropy(scores, targets, reduction="none")
+    # binary_cross_entropy refuses NaN scores (a device-side assert on CUDA, which kills the process): a diverged
+    # model's NaN goes through the focal weight below instead, so the loss itself is NaN and the trainer can say so.
+    cross_entropy = F.binary_cross_entropy(scores.nan_to_num(0.5), targets, reduction="none")
     true_class_score = torch.where(targets == 1, scores, 1 - scores)
     losses = torch.pow(1 - true_class_score, gamma) * cross_entropy * valid
     entries_per_class = valid.sum(dim=(0, 2, 3))

@@ -5,18 +5,23 @@ SyncBatchNorm across processes, the paper's augmentation. What it adds:
 - Exact resume. Batches are a pure function of (seed, epoch): every epoch's order comes from a generator seeded
   with both, and each example's augmentation from (seed, epoch, example index). A checkpoint stores the model,
   optimiser, schedule and every process's RNG states; resuming skips the consumed batches of the epoch without
-  loading them. A run killed at any point and resumed ends with the weights of an uninterrupted run.
-- Atomic checkpoints: written to `checkpoints/.checkpoint-N.partial`, renamed to `checkpoint-N` once complete; only
-  complete ones are ever resumed from, the last `checkpoints_total_limit` are kept.
+  loading them. A run killed at any point and resumed ends with the weights of an uninterrupted run. A resumed run
+  must have the arguments it started with (`TrainingArguments.changes_breaking_resume`).
+- Safe, atomic, verified checkpoints (`checkpoints.py`): only safetensors and JSON, nothing unpickled; written to
+  `checkpoints/.checkpoint-N.partial`, flushed to disk and renamed to `checkpoint-N` once complete, with a manifest
+  of checksums; resuming skips a broken newest checkpoint with a warning. The last `checkpoints_total_limit` are kept.
+  A full disk ends the run with one message, the partial checkpoint removed, the earlier ones kept.
+- One run per output folder: a lock held for the run (free again when its process dies), and a fresh run refuses a
+  folder that holds another run's outputs unless told to resume or overwrite.
+- Divergence stops the run at the step its loss turns non-finite, naming the step and the term; non-finite weights
+  are never written into a checkpoint or an export.
 - Evaluation every `eval_steps` with `pcaa_hf.evaluation.scoring` (each validation image counted once across processes),
   the best model by mIoU exported to `best/`, the final one to `model/`, each with a model card; optional Hub
   uploads that never stop training when the Hub cannot be reached.
 """
 
-import json
 import logging
 import math
-import re
 import resource
 import shutil
 import time
@@ -25,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -36,21 +42,56 @@ from pcaa_hf.data.label_sets import IMAGE_PROCESSOR_SETTINGS, label_maps
 from pcaa_hf.data.synthetic import is_generated
 from pcaa_hf.data.transforms import EvalTransform, TrainTransform, as_arrays, collate
 from pcaa_hf.evaluation.scoring import evaluate_segmentation, metrics_to_json, results_table
+from pcaa_hf.inference.model_folders import load_saved_model
 from pcaa_hf.inference.segmentation_inference import SegmentationInference
 from pcaa_hf.model.configuration_pcaa import PCAAConfig
 from pcaa_hf.model.image_processing_pcaa import PCAAImageProcessor
 from pcaa_hf.model.modeling_pcaa import PCAAForSemanticSegmentation
 from pcaa_hf.publishing.hub import write_export
 from pcaa_hf.publishing.model_cards import backbone_name, default_template, render_model_card
-from pcaa_hf.utils.atomic_folders import write_json_atomically
+from pcaa_hf.utils.atomic_folders import (
+    remove_interrupted_writes,
+    sync_file,
+    sync_folder,
+    write_error,
+    write_json_atomically,
+    write_manifest,
+)
+from pcaa_hf.utils.folder_lock import FolderLock
+from pcaa_hf.utils.process_settings import check_mixed_precision
 
 from .arguments import TrainingArguments
+from .checkpoints import (
+    TRAINER_STATE,
+    checkpoints_in,
+    load_training_state,
+    read_json,
+    resolve_checkpoint,
+    save_rng_state,
+    save_training_state,
+)
 from .sync_batch_norm import convert_sync_batch_norm
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
-TRAINER_STATE = "trainer_state.json"
+LOSS_TERMS = ("loss", "segmentation_loss", "auxiliary_loss", "region_loss")
+RUN_FILE = "run.json"  # the arguments of the run that owns the output folder
+# What a run writes into its output folder: a fresh run refuses a folder holding any of them (another run's).
+RUN_OUTPUTS = ("checkpoints", "best", "model", "all_results.json", RUN_FILE)
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss or the weights became non-finite (NaN or infinite)."""
+
+
+class OtherProcessFailedError(RuntimeError):
+    """Another process of the run failed; its own error names the cause."""
+
+
+def non_finite_tensors(model):
+    """The names of `model`'s floating-point parameters and buffers holding a NaN or an infinity."""
+    return [name for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
 
 
 def open_datasets(args):
@@ -68,15 +109,22 @@ def image_processor_for(dataset_type):
 def build_model(args, id2label):
     """
     A new PCAA model for `id2label` (its backbone from ImageNet weights with `pretrained_backbone`), or the weights
-    of `model_name_or_path` (their label set must match).
+    of `model_name_or_path` (fine-tuning: the data set must have as many classes; the model takes its names).
     """
-    if args.model_name_or_path:
-        model = PCAAForSemanticSegmentation.from_pretrained(args.model_name_or_path)
-        if model.config.num_labels != len(id2label):
-            raise ValueError(f"{args.model_name_or_path} predicts {model.config.num_labels} classes; the data set "
-                             f"has {len(id2label)}.")
-        return model
     id2label, label2id = label_maps([id2label[index] for index in sorted(id2label)])
+    if args.model_name_or_path:
+        model = load_saved_model(args.model_name_or_path, model_class=PCAAForSemanticSegmentation)
+        if model.config.num_labels != len(id2label):
+            raise ValueError(f"--model_name_or_path {args.model_name_or_path} predicts {model.config.num_labels} "
+                             f"classes; the data set has {len(id2label)}.")
+        renamed = {index: (model.config.id2label.get(index), name) for index, name in id2label.items()
+                   if model.config.id2label.get(index) != name}
+        if renamed:
+            logger.warning("Fine-tuning %s on other classes: %d of %d renamed after the data set (%s)",
+                           args.model_name_or_path, len(renamed), len(id2label), ", ".join(
+                               f"{index}: {old} -> {new}" for index, (old, new) in list(renamed.items())[:5]))
+            model.config.id2label, model.config.label2id = id2label, label2id
+        return model
     config = PCAAConfig(
         backbone_depth=args.backbone_depth, output_stride=args.output_stride, multi_grid=args.multi_grid,
         bins=[tuple(grid) for grid in args.bins], hidden_size=args.hidden_size,
@@ -128,30 +176,6 @@ def epoch_batches(num_examples, batch_size, num_processes, process_index, seed, 
             for start in range(0, num_examples - global_size + 1, global_size)]
 
 
-def complete_checkpoints(folder):
-    """(step, path) of the complete checkpoints in `folder`, oldest first (partial ones have another name)."""
-    folder = Path(folder)
-    found = []
-    if folder.is_dir():
-        for path in folder.iterdir():
-            match = CHECKPOINT_PATTERN.fullmatch(path.name)
-            if match and (path / TRAINER_STATE).is_file():
-                found.append((int(match[1]), path))
-    return sorted(found)
-
-
-def resolve_checkpoint(resume_from_checkpoint, output_dir):
-    """The checkpoint folder to resume from: a path, or "latest" (None when there is none yet)."""
-    if resume_from_checkpoint == "latest":
-        checkpoints = complete_checkpoints(Path(output_dir) / "checkpoints")
-        return checkpoints[-1][1] if checkpoints else None
-    path = Path(resume_from_checkpoint)
-    if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {path} is not a complete checkpoint folder (it has no "
-                                f"{TRAINER_STATE}).")
-    return path
-
-
 def peak_memory_gib(device):
     """Peak memory of this process so far: allocated GPU memory, or the resident set size on CPU."""
     if device.type == "cuda":
@@ -175,13 +199,94 @@ class Trainer:
         self.state = {"completed_steps": 0, "best_mean_iou": None, "best_step": None, "evaluations": [],
                       "settings": None}
         self.model = None
+        self.lock = FolderLock(self.output_dir, purpose="pcaa training")
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def prepare(self):
+        """Take the output folder, then build data, model and optimiser and resume; release the folder on failure."""
+        try:
+            self.agree_on_failure(self.take_output_folder)
+            self.build()
+            self.agree_on_failure(self.resume_if_asked)
+            # A template that cannot be rendered must fail now, not after the training it would describe.
+            self.model_card(self.accelerator.unwrap_model(self.model), None)
+            if self.accelerator.is_main_process:  # the folder's owner from now on: a run that could start
+                write_json_atomically(self.output_dir / RUN_FILE, {"arguments": self.args.to_dict()})
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def take_output_folder(self):
+        """
+        Lock the output folder (main process), clean up what a killed run left half-written, and make sure it holds
+        no other run's outputs: they are deleted with `overwrite_output_dir`, continued with `resume_from_checkpoint`.
+        """
+        if not self.accelerator.is_main_process:
+            return
+        args = self.args
+        self.lock.acquire()
+        for folder in ("model", "best"):
+            for name in remove_interrupted_writes(self.output_dir / folder):
+                logger.info("Cleaned up %s, left by an export that was interrupted.", name)
+        for partial in self.checkpoint_dir.glob(".checkpoint-*"):  # being written, replaced or deleted
+            shutil.rmtree(partial, ignore_errors=True)
+            logger.info("Removed %s, left by a checkpoint write or removal that was interrupted.", partial.name)
+        earlier = [name for name in RUN_OUTPUTS if (self.output_dir / name).exists()]
+        if earlier and args.overwrite_output_dir:
+            logger.warning("--overwrite_output_dir: deleting %s in %s", ", ".join(earlier), self.output_dir)
+            for name in earlier:
+                path = self.output_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        elif earlier and not args.resume_from_checkpoint:
+            raise FileExistsError(
+                f"--output_dir {self.output_dir} holds another run ({', '.join(earlier)}). Continue it with "
+                "--resume_from_checkpoint latest, delete it and start afresh with --overwrite_output_dir, or choose "
+                "another --output_dir.")
+        elif earlier and not checkpoints_in(self.checkpoint_dir):
+            # Resuming a run killed before its first checkpoint starts it again: only with the same arguments.
+            run_file = self.output_dir / RUN_FILE
+            if not run_file.is_file():
+                raise FileExistsError(f"--output_dir {self.output_dir} holds outputs of a run with unknown arguments "
+                                      f"(no {RUN_FILE}): delete them with --overwrite_output_dir, or choose another "
+                                      "--output_dir.")
+            self.check_unchanged(read_json(run_file), run_file)
+
+    def agree_on_failure(self, step):
+        """
+        Run `step` on every process; if it failed on any, raise on all (its own error where it failed), so that no
+        process waits forever for one that has stopped.
+        """
+        error = None
+        try:
+            step()
+        except Exception as caught:  # re-raised below, on every process
+            error = caught
+        if self.accelerator.num_processes > 1:
+            reports = gather_object([None if error is None else f"{type(error).__name__}: {error}"])
+            failures = [report for report in reports if report is not None]
+            if error is None and failures:
+                raise OtherProcessFailedError(f"Stopped because another process failed: {failures[0]}")
+        if error is not None:
+            raise error
+
+    def check_unchanged(self, earlier, source):
+        """Raise a ValueError naming each argument that differs from the run's, as `source` recorded them."""
+        if not isinstance(earlier, dict) or not isinstance(earlier.get("arguments"), dict):
+            raise ValueError(f"{source} does not record the run's arguments.")
+        changes = self.args.changes_breaking_resume(earlier["arguments"])
+        if changes:
+            raise ValueError(
+                f"Cannot resume from {source}: the run was started with other arguments (" + "; ".join(
+                    f"{name} {old!r} -> {new!r}" for name, old, new in changes) + "). A resumed run continues "
+                "exactly as it started: pass its arguments. To train on from its weights with other settings, "
+                "fine-tune in a new --output_dir with --model_name_or_path <its checkpoint-N or model/ folder>.")
+
+    def build(self):
         args, accelerator = self.args, self.accelerator
-        if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
-            raise ValueError("mixed_precision fp16 does nothing on CPUs (it would silently train in float32): use bf16 "
-                             "or no.")
+        check_mixed_precision(accelerator)
         set_seed(args.seed)
         self.train_split, self.eval_split, self.id2label = open_datasets(args)
         global_batch = args.per_device_train_batch_size * accelerator.num_processes
@@ -202,7 +307,6 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         # Not prepared: accelerate would step a prepared scheduler once per process at every update.
         self.scheduler = poly_schedule(self.optimizer.optimizer, args.max_train_steps, args.poly_power)
-        accelerator.register_for_checkpointing(self.scheduler)
         self.examples = AugmentedExamples(
             self.train_split, TrainTransform(args.base_size, args.crop_size, image_processor=self.processor), args.seed)
         self.evaluation = self.eval_split.with_transform(EvalTransform(image_processor=self.processor))
@@ -211,36 +315,32 @@ class Trainer:
         if args.with_tracking:
             accelerator.init_trackers("pcaa", config={k: str(v) for k, v in args.to_dict().items()})
         self.state["settings"] = self.settings()
-        if args.resume_from_checkpoint:
-            checkpoint = resolve_checkpoint(args.resume_from_checkpoint, self.output_dir)
+
+    def resume_if_asked(self):
+        if self.args.resume_from_checkpoint:
+            checkpoint = resolve_checkpoint(self.args.resume_from_checkpoint, self.checkpoint_dir)
             if checkpoint is None:
                 logger.info("No checkpoint in %s yet: starting from scratch.", self.checkpoint_dir)
             else:
                 self.resume(checkpoint)
-        # A template that cannot be rendered must fail now, not after the training it would describe.
-        self.model_card(accelerator.unwrap_model(self.model), None)
 
     def settings(self):
-        """What fixes the data position and the schedule: a resumed run must keep them."""
-        args = self.args
-        return {"num_processes": self.accelerator.num_processes,
-                "per_device_train_batch_size": args.per_device_train_batch_size,
-                "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
-                "train_images": len(self.train_split), "max_train_steps": args.max_train_steps}
+        """What fixes the data position besides the arguments: a resumed run must keep them."""
+        return {"num_processes": self.accelerator.num_processes, "train_images": len(self.train_split),
+                "mixed_precision": self.accelerator.mixed_precision}
 
     def resume(self, checkpoint):
-        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        state = read_json(checkpoint / TRAINER_STATE)
+        self.check_unchanged(state, checkpoint / TRAINER_STATE)
         changed = {name: (value, self.state["settings"][name]) for name, value in (state.get("settings") or {}).items()
                    if self.state["settings"].get(name) != value}
         if changed:
             raise ValueError(f"Cannot resume from {checkpoint}: the run changed " + ", ".join(
                 f"{name} from {old} to {new}" for name, (old, new) in changed.items()) + " (resuming needs the "
                 "same batches and schedule; start a new --output_dir or use --model_name_or_path to fine-tune).")
-        try:
-            self.accelerator.load_state(str(checkpoint))
-        except (RuntimeError, KeyError) as error:
-            raise ValueError(f"Cannot resume from {checkpoint}: its state does not fit this model and optimiser "
-                             f"({str(error).splitlines()[0]}).") from error
+        state = load_training_state(checkpoint, model=self.accelerator.unwrap_model(self.model),
+                                    optimizer=self.optimizer.optimizer, scheduler=self.scheduler,
+                                    scaler=self.accelerator.scaler, process_index=self.accelerator.process_index)
         self.state = {**state, "settings": self.state["settings"]}
         self.earlier_seconds = state.get("wall_time_seconds", 0.0)
         logger.info("Resumed from %s at step %d.", checkpoint, self.state["completed_steps"])
@@ -266,8 +366,15 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     def train(self):
-        if self.model is None:
-            self.prepare()
+        """Prepare (unless done), train, evaluate and export; the output folder is released at the end."""
+        try:
+            if self.model is None:
+                self.prepare()
+            return self.train_evaluate_export()
+        finally:
+            self.lock.release()
+
+    def train_evaluate_export(self):
         args, accelerator = self.args, self.accelerator
         total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         logger.info("Training %s on %d images (%s), %d steps of %d images (%d process(es) x %d x %d accumulated)",
@@ -291,42 +398,73 @@ class Trainer:
     def run_steps(self):
         """Optimiser updates from the current step to `max_train_steps`, logging, evaluating and checkpointing."""
         args, accelerator = self.args, self.accelerator
-        progress = tqdm(total=args.max_train_steps, initial=self.state["completed_steps"], desc="Training",
-                        disable=not accelerator.is_local_main_process, unit="step")
-        sums, micro_batches, interval_start = {}, 0, time.perf_counter()
-        self.model.train()
-        batches = self.batches()
-        while self.state["completed_steps"] < args.max_train_steps:
-            batch = next(batches)
-            with accelerator.accumulate(self.model):
-                outputs = self.model(**batch)
-                accelerator.backward(outputs.loss)
-                self.optimizer.step()  # skipped by accelerate while gradients accumulate
-                self.optimizer.zero_grad()
-            for name in ("loss", "segmentation_loss", "auxiliary_loss", "region_loss"):
-                value = getattr(outputs, name)
-                if value is not None:
-                    sums[name] = sums.get(name, 0.0) + value.detach().float()
-            micro_batches += 1
-            if not accelerator.sync_gradients:
-                continue
-            learning_rate = self.scheduler.get_last_lr()[0]  # the rate this update used
-            self.scheduler.step()
-            self.state["completed_steps"] += 1
-            step = self.state["completed_steps"]
-            progress.update(1)
-            if step % args.logging_steps == 0 or step == args.max_train_steps:
-                elapsed = time.perf_counter() - interval_start
-                self.log_training(step, sums, micro_batches, elapsed, progress, learning_rate)
-                sums, micro_batches, interval_start = {}, 0, time.perf_counter()
-            paused = time.perf_counter()
-            if args.eval_steps and step % args.eval_steps == 0 and step != args.max_train_steps:
-                self.evaluate_and_keep_best(step)
-                self.model.train()
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                self.save_checkpoint(step)
-            interval_start += time.perf_counter() - paused  # images/s counts training time only
-        progress.close()
+        with tqdm(total=args.max_train_steps, initial=self.state["completed_steps"], desc="Training",
+                  disable=not accelerator.is_local_main_process, unit="step") as progress:
+            sums, micro_batches, interval_start = {}, 0, time.perf_counter()
+            self.model.train()
+            batches = self.batches()
+            while self.state["completed_steps"] < args.max_train_steps:
+                batch = next(batches)
+                with accelerator.accumulate(self.model):
+                    outputs = self.model(**batch)
+                    terms = self.check_loss_is_finite(outputs)
+                    accelerator.backward(outputs.loss)
+                    self.optimizer.step()  # skipped by accelerate while gradients accumulate
+                    self.optimizer.zero_grad()
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                micro_batches += 1
+                if not accelerator.sync_gradients:
+                    continue
+                learning_rate = self.scheduler.get_last_lr()[0]  # the rate this update used
+                self.scheduler.step()
+                self.state["completed_steps"] += 1
+                step = self.state["completed_steps"]
+                progress.update(1)
+                if step % args.logging_steps == 0 or step == args.max_train_steps:
+                    elapsed = time.perf_counter() - interval_start
+                    self.log_training(step, sums, micro_batches, elapsed, progress, learning_rate)
+                    sums, micro_batches, interval_start = {}, 0, time.perf_counter()
+                paused = time.perf_counter()
+                if args.eval_steps and step % args.eval_steps == 0 and step != args.max_train_steps:
+                    self.evaluate_and_keep_best(step)
+                    self.model.train()
+                if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                    self.save_checkpoint(step)
+                interval_start += time.perf_counter() - paused  # images/s counts training time only
+
+    def check_loss_is_finite(self, outputs):
+        """
+        The loss terms of this micro-batch (detached, float32), after checking that none is NaN or infinite on any
+        process: training stops at the step where the loss diverges, before its update reaches the weights.
+        """
+        terms = {name: getattr(outputs, name).detach().float() for name in LOSS_TERMS
+                 if getattr(outputs, name) is not None}
+        values = torch.stack(list(terms.values()))
+        if self.accelerator.num_processes > 1:  # NaN and infinity survive the mean: every process stops together
+            values = self.accelerator.reduce(values, reduction="mean")
+        if not torch.isfinite(values).all():
+            step = self.state["completed_steps"] + 1
+            figures = ", ".join(f"{name.replace('_', ' ')} {value:.4g}" for name, value in zip(terms, values.tolist()))
+            raise TrainingDivergedError(
+                f"Training diverged at step {step}: the loss is no longer finite ({figures}). No weights of this step "
+                f"were saved; {self.newest_checkpoint_text()}. Lower --learning_rate (now {self.args.learning_rate}) "
+                "or check the data.")
+        return terms
+
+    def newest_checkpoint_text(self):
+        checkpoints = checkpoints_in(self.checkpoint_dir)
+        return (f"the newest checkpoint is {checkpoints[-1][1]}" if checkpoints
+                else "there is no checkpoint of this run")
+
+    def check_weights_are_finite(self, model, destination):
+        """Refuse to write non-finite weights: the run diverged after its last loss check (in the last update)."""
+        broken = non_finite_tensors(model)
+        if broken:
+            raise TrainingDivergedError(
+                f"Training diverged by step {self.state['completed_steps']}: {len(broken)} weight tensors are no "
+                f"longer finite ({', '.join(broken[:5])}{', ...' if len(broken) > 5 else ''}), so {destination} was "
+                f"not written; {self.newest_checkpoint_text()}. Lower --learning_rate (now {self.args.learning_rate}).")
 
     def check_processes_agree(self):
         """Every process must end with the same weights and statistics (DDP and SyncBatchNorm keep them equal)."""
@@ -367,7 +505,8 @@ class Trainer:
                                         accelerator=accelerator, batch_size=args.per_device_eval_batch_size,
                                         num_workers=args.num_workers, description=f"Evaluating at step {step}")
         mean_iou = float(metrics["mean_iou"])
-        self.state["evaluations"].append({"step": step, "mean_iou": mean_iou, "num_images": metrics["num_images"]})
+        self.state["evaluations"].append({"step": step, "mean_iou": mean_iou if math.isfinite(mean_iou) else None,
+                                          "num_images": metrics["num_images"]})
         if accelerator.is_main_process:
             logger.info("Evaluation at step %d on %d images:\n%s", step, metrics["num_images"],
                         results_table(metrics, self.id2label))
@@ -381,28 +520,59 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self, step):
-        """Accelerate's state plus ours, written under a partial name and renamed once every process is done."""
+        """
+        Write `checkpoint-{step}` (see `checkpoints.py`) under a partial name, flush it to disk and rename it once
+        every process is done. A failure (a full disk) removes the partial folder and stops every process with one
+        message; earlier checkpoints and exports stay.
+        """
         accelerator = self.accelerator
         final = self.checkpoint_dir / f"checkpoint-{step}"
         partial = self.checkpoint_dir / f".checkpoint-{step}.partial"
+        model = accelerator.unwrap_model(self.model)
+        self.check_weights_are_finite(model, final)
+
+        def make_partial():
+            if accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while writing it
+                partial.mkdir(parents=True)
+
+        def write_files():
+            save_rng_state(partial, accelerator.process_index)
+            if accelerator.is_main_process:
+                self.state["wall_time_seconds"] = self.wall_time_seconds()
+                save_training_state(partial, model=model, image_processor=self.processor,
+                                    optimizer=self.optimizer.optimizer, scheduler=self.scheduler,
+                                    scaler=accelerator.scaler,
+                                    trainer_state={**self.state, "arguments": self.args.to_dict()})
+
+        def complete():
+            if accelerator.is_main_process:
+                write_manifest(partial)
+                sync_folder(partial)
+                replaced = self.checkpoint_dir / f".checkpoint-{step}.replaced"
+                if final.exists():  # written by an earlier segment of the run, resumed from an older checkpoint
+                    final.replace(replaced)
+                partial.replace(final)
+                sync_file(self.checkpoint_dir)
+                shutil.rmtree(replaced, ignore_errors=True)
+
+        try:
+            self.agree_on_failure(make_partial)
+            self.agree_on_failure(write_files)
+            self.agree_on_failure(complete)
+        except (OSError, SafetensorError) as error:
+            shutil.rmtree(partial, ignore_errors=True)
+            kept = [path.name for _, path in checkpoints_in(self.checkpoint_dir)]
+            raise write_error(final, error, f"the partial checkpoint was removed; kept: "
+                              f"{', '.join(kept) or 'no earlier checkpoint'} and the exports") from error
         if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while writing it
-            partial.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            self.state["wall_time_seconds"] = self.wall_time_seconds()
-            (partial / TRAINER_STATE).write_text(json.dumps(self.state, indent=2))
-            shutil.rmtree(final, ignore_errors=True)
-            partial.replace(final)
             # Rotate among this run's checkpoints up to now: newer ones (left by an earlier run resumed from an older
             # checkpoint) are not this run's to delete, and the one just written is always kept.
-            checkpoints = [(number, path) for number, path in complete_checkpoints(self.checkpoint_dir)
-                           if number <= step]
+            checkpoints = [(number, path) for number, path in checkpoints_in(self.checkpoint_dir) if number <= step]
             if self.args.checkpoints_total_limit:
-                for _, old in checkpoints[: -self.args.checkpoints_total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+                for number, old in checkpoints[: -self.args.checkpoints_total_limit]:
+                    removed = old.replace(self.checkpoint_dir / f".checkpoint-{number}.removed")  # never half-deleted
+                    shutil.rmtree(removed, ignore_errors=True)
             logger.info("Saved checkpoint %s", final)
             if self.publisher is not None and self.args.push_checkpoints:
                 self.publisher.push(final, f"Checkpoint at step {step}", path_in_repo=f"checkpoints/{final.name}")
@@ -411,14 +581,19 @@ class Trainer:
     def export(self, folder, metrics, description):
         """A `save_pretrained` folder with the processor, the code and a model card (main process only)."""
         accelerator = self.accelerator
+        model = accelerator.unwrap_model(self.model)
+        self.check_weights_are_finite(model, folder)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            model = accelerator.unwrap_model(self.model)
-            write_export(folder, model, self.processor, self.model_card(model, metrics))
-            logger.info("%s written to %s", description, folder)
-            if self.publisher is not None:  # the final model at the repository's root, the best one beside it
-                self.publisher.push(folder, description, path_in_repo=None if folder.name == "model" else folder.name)
-        accelerator.wait_for_everyone()
+
+        def write():
+            if accelerator.is_main_process:
+                write_export(folder, model, self.processor, self.model_card(model, metrics))
+                logger.info("%s written to %s", description, folder)
+                if self.publisher is not None:  # the final model at the repository's root, the best one beside it
+                    self.publisher.push(folder, description,
+                                        path_in_repo=None if folder.name == "model" else folder.name)
+
+        self.agree_on_failure(write)
 
     def model_card(self, model, metrics):
         template = self.args.model_card_template or default_template(model.config, self.args.dataset_type)
@@ -460,4 +635,5 @@ class Trainer:
 
 
 
-__all__ = ["Trainer", "TrainingArguments", "epoch_batches", "poly_schedule", "resolve_checkpoint"]
+__all__ = ["OtherProcessFailedError", "Trainer", "TrainingArguments", "TrainingDivergedError", "epoch_batches",
+           "poly_schedule"]
