@@ -25,6 +25,7 @@ from pcaa_hf.training.checkpoints import checkpoint_problems
 from pcaa_hf.training.trainer import Trainer, TrainingDivergedError
 from pcaa_hf.utils.atomic_folders import write_manifest
 from pcaa_hf.utils.folder_lock import FolderInUseError
+from pcaa_testing import two_cpu_processes_launcher
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 STEPS = 4  # two checkpoints, at steps 2 and 4
@@ -186,6 +187,22 @@ def test_one_run_per_output_folder_and_a_killed_runs_lock_is_free(data, tmp_path
     assert not (output / "checkpoints").exists()
     Trainer(arguments(data, output, max_train_steps=1)).train()  # the killed holder's lock is free
     assert (output / "model" / "model.safetensors").is_file()
+
+
+def test_with_two_processes_a_refusal_on_one_stops_both(data, tmp_path):
+    """The main process cannot take the folder: the other one stops too, rather than waiting for it forever."""
+    output = tmp_path / "run"
+    holder = hold_lock(output)
+    try:
+        command = [sys.executable, *two_cpu_processes_launcher(), str(SCRIPT), *command_line(data, output)]
+        process = subprocess.run(command, capture_output=True, text=True, timeout=240,
+                                 env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert process.returncode != 0
+    assert f"error: {output} is in use by another process" in process.stderr
+    assert "error: Stopped because another process failed: FolderInUseError" in process.stderr
 
 
 def test_a_fresh_run_refuses_a_folder_holding_another_run(data, finished_run, tmp_path, caplog):
