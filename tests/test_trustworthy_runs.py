@@ -57,6 +57,13 @@ def arguments(data, output, **overrides):
         learning_rate=0.05, seed=3, logging_steps=2), **overrides})
 
 
+@pytest.fixture(autouse=True)
+def _free_the_disk(tmp_path):
+    """Each test copies runs of about 300 MB (checkpoints with momentum): remove them once it is done."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def finished_run(data, tmp_path_factory):
     """A finished run of `arguments` (checkpoints at steps 2 and 4, model/); tests work on copies."""
