@@ -32,14 +32,20 @@ from transformers.hf_argparser import HfArgumentParser, string_to_bool
 USER_ERRORS = (OSError, ValueError, ImportError, StrictDataclassError)
 
 
-def reports_errors(main):
-    """Decorate a tool's `main(argv=None)`: a `USER_ERRORS` failure prints `error: <message>` and returns 2."""
+def reports_errors(main=None, *, also=()):
+    """
+    Decorate a tool's `main(argv=None)`: a `USER_ERRORS` failure prints `error: <message>` and returns 2. A tool
+    whose own failures end the same way names their types: `@reports_errors(also=(TrainingDivergedError,))`.
+    """
+    if main is None:
+        return functools.partial(reports_errors, also=also)
+    errors = USER_ERRORS + tuple(also)
 
     @functools.wraps(main)
     def main_reporting_errors(argv=None):
         try:
             return main(argv)
-        except USER_ERRORS as error:
+        except errors as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
 

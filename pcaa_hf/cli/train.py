@@ -33,7 +33,7 @@ def build_parser():
                           fromfile_prefix_chars="@")
 
 
-@reports_errors
+@reports_errors(also=(TrainingDivergedError, OtherProcessFailedError))  # the run's failures, not a bug's
 def main(argv=None):
     (args,) = build_parser().parse_into_dataclasses(argv)
     configure_cpu_process()
@@ -42,11 +42,7 @@ def main(argv=None):
     trainer = Trainer(args, publisher=publisher)
     if not trainer.accelerator.is_main_process:  # one copy of the log, from the main process
         logging.getLogger().setLevel(logging.WARNING)
-    try:
-        metrics = trainer.train()
-    except (TrainingDivergedError, OtherProcessFailedError) as error:  # the run's failures, not a bug's
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    metrics = trainer.train()
     if metrics is not None and trainer.accelerator.is_main_process:
         print(f"Final mIoU {float(metrics['mean_iou']):.4f} on {metrics['num_images']} images; model in "
               f"{args.output_dir}/model")

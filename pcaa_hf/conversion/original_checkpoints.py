@@ -17,6 +17,7 @@ from pcaa_hf.model.image_processing_pcaa import PCAAImageProcessor
 from pcaa_hf.model.modeling_pcaa import PCAAForSemanticSegmentation
 from pcaa_hf.utils.atomic_folders import write_folder_atomically
 from pcaa_hf.utils.safe_loading import weights_only_refusal
+from pcaa_hf.utils.tensor_checks import non_finite_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +115,7 @@ def load_original_state_dict(path):
 
 def check_finite(state_dict, path):
     """Refuse weights holding NaN or infinite values, naming the tensors: they come from a diverged or damaged run."""
-    broken = sorted(key for key, value in state_dict.items()
-                    if value.is_floating_point() and not torch.isfinite(value).all())
+    broken = non_finite_tensors(state_dict)
     if broken:
         raise ValueError(f"{path} holds NaN or infinite values in {len(broken)} tensor(s): {', '.join(broken[:10])}"
                          + (f" and {len(broken) - 10} more" if len(broken) > 10 else "")

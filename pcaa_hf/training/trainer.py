@@ -59,6 +59,7 @@ from pcaa_hf.utils.atomic_folders import (
 )
 from pcaa_hf.utils.folder_lock import FolderLock
 from pcaa_hf.utils.process_settings import check_mixed_precision
+from pcaa_hf.utils.tensor_checks import non_finite_tensors
 
 from .arguments import TrainingArguments
 from .checkpoints import (
@@ -86,12 +87,6 @@ class TrainingDivergedError(FloatingPointError):
 
 class OtherProcessFailedError(RuntimeError):
     """Another process of the run failed; its own error names the cause."""
-
-
-def non_finite_tensors(model):
-    """The names of `model`'s floating-point parameters and buffers holding a NaN or an infinity."""
-    return [name for name, tensor in model.state_dict().items()
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
 
 
 def open_datasets(args):
@@ -459,7 +454,7 @@ class Trainer:
 
     def check_weights_are_finite(self, model, destination):
         """Refuse to write non-finite weights: the run diverged after its last loss check (in the last update)."""
-        broken = non_finite_tensors(model)
+        broken = non_finite_tensors(model.state_dict())
         if broken:
             raise TrainingDivergedError(
                 f"Training diverged by step {self.state['completed_steps']}: {len(broken)} weight tensors are no "
