@@ -21,14 +21,6 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a longer test (deselect with -m 'not slow')")
 
 
-def pytest_collection_modifyitems(config, items):
-    """
-    tests/test_wheel.py first. Run after the rest of the suite, its first subprocess crashed the pytest process
-    (SIGSEGV, 5 of 5 full runs, never with fewer files; the state behind it is not found yet); run first, it passes.
-    """
-    items.sort(key=lambda item: item.path.name != "test_wheel.py")
-
-
 # name -> (folder, fingerprint when built) of each session fixture built so far.
 _READ_ONLY_FIXTURES = {}
 

@@ -1,9 +1,13 @@
 """Helpers shared by the tests (the session fixtures built with them are in conftest.py)."""
 
+import os
 import shutil
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 from pcaa_hf import PCAAConfig, PCAAForSemanticSegmentation, PCAAImageProcessor
@@ -75,13 +79,43 @@ def randomise_weights(model, seed=0):
     return model
 
 
-def two_cpu_processes_launcher():
+def two_processes_launcher(mixed_precision="no"):
     """
-    `python -m ...` arguments launching a script on 2 CPU processes with gloo; run it with ACCELERATE_USE_CPU=1.
-    `accelerate launch --cpu` starts one process unless MPI is installed, hence torchrun's launcher (--multi_gpu).
+    `python -m ...` arguments launching a script on 2 processes: on CPUs with gloo (run it with ACCELERATE_USE_CPU=1),
+    on a machine with 2 GPUs one per GPU with NCCL. `accelerate launch --cpu` starts one process unless MPI is
+    installed, hence torchrun's launcher (--multi_gpu).
     """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return ("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port))
+            "--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--main_process_port", str(port))
+
+
+def start_script(command, env=None, **kwargs):
+    """
+    Start `command` (a Python script's command line) in its own process group, stdout and stderr in one pipe, one
+    thread per process. PYTHONFAULTHANDLER lets `finish_script` show where a hung run and its workers are.
+    """
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
+                            start_new_session=True, **kwargs)
+
+
+def finish_script(process, timeout=300):
+    """
+    The output of a `start_script` process that must succeed within `timeout` seconds. A hung run is stopped with
+    SIGABRT, so each of its Python processes prints its threads' tracebacks into the failure message.
+    """
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGABRT)
+        try:
+            output, _ = process.communicate(timeout=30)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        pytest.fail(f"{process.args} still running after {timeout} s; its output:\n{output[-8000:]}")
+    assert process.returncode == 0, output[-4000:]
+    return output

@@ -23,7 +23,7 @@ from pcaa_hf.evaluation.prediction_files import PredictionWriter, prediction_nam
 from pcaa_hf.evaluation.scoring import evaluate_segmentation, process_share, results_table
 from pcaa_hf.inference.segmentation_inference import SegmentationInference
 from pcaa_hf.inference.visualisation import palette_for
-from pcaa_testing import randomise_weights, small_config, two_cpu_processes_launcher
+from pcaa_testing import randomise_weights, small_config, two_processes_launcher
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
 
@@ -151,7 +151,7 @@ def test_evaluate_script_under_accelerate_two_processes(cityscapes_run):
     if not (single / "results.json").is_file():
         assert evaluate_main(script_arguments(cityscapes_run, single)) == 0
     double = cityscapes_run / "two_processes"
-    launcher = two_cpu_processes_launcher()
+    launcher = two_processes_launcher()
     # The options' first spellings (kebab-case: --output-dir) are accepted too.
     arguments = [argument.replace("_", "-") if argument.startswith("--") else argument
                  for argument in script_arguments(cityscapes_run, double)]

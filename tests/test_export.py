@@ -37,6 +37,7 @@ from pcaa_hf.model.modeling_pcaa import (
 )
 from pcaa_hf.publishing import exporting
 from pcaa_hf.publishing.exporting import OPENVINO_FLOAT32, export_to_folder, load_exported
+from pcaa_hf.utils.signal_stack import keep_signal_stack
 from pcaa_testing import randomise_weights, small_config
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "export.py"
@@ -104,16 +105,20 @@ def test_dynamic_export_matches_eager_at_every_size_and_reloads(models, name, ba
     if missing_packages:
         pytest.skip(f"{name} export needs {', '.join(missing_packages)} (pip install -e '.[test]')")
     model = models[backbone]
-    exported = exporter_class().export(model, {"pixel_values": torch.randn(TRACED_SHAPE)}, config_class(dynamic=True))
-    if name == "openvino":
-        # By default OpenVINO infers in bfloat16 on CPUs that have it (pcaa_hf.publishing.exporting.OPENVINO_FLOAT32).
-        exported.to(config=OPENVINO_FLOAT32)
+    # transformers' exporters called directly: OpenVINO's compilations need the guard pcaa_hf's own functions use.
+    with keep_signal_stack():
+        exported = exporter_class().export(model, {"pixel_values": torch.randn(TRACED_SHAPE)},
+                                           config_class(dynamic=True))
+        if name == "openvino":
+            # By default OpenVINO infers in bfloat16 on CPUs that have it (pcaa_hf.publishing.exporting).
+            exported.to(config=OPENVINO_FLOAT32)
     assert_matches_eager(model, lambda x: exported(pixel_values=x), CHECKED_SHAPES)
 
     exported.save_pretrained(tmp_path)
     assert (tmp_path / "export.json").is_file() and (tmp_path / "config.json").is_file()
     runner_kwargs = {"config": OPENVINO_FLOAT32} if name == "openvino" else {}
-    reloaded = ExportedModel.from_pretrained(tmp_path, trust_remote_code=(name == "dynamo"), **runner_kwargs)
+    with keep_signal_stack():
+        reloaded = ExportedModel.from_pretrained(tmp_path, trust_remote_code=(name == "dynamo"), **runner_kwargs)
     assert reloaded.config.model_type == "pcaa"
     assert_matches_eager(model, lambda x: reloaded(pixel_values=x), [(3, 3, 45, 77)], seed=1)
 
@@ -269,6 +274,73 @@ def test_script_exports_checks_and_prints_what_it_did(model_folder, tmp_path):
     assert (output / "model.pt2").is_file()
 
 
+OUT_OF_ORDER_RELEASE = """
+import gc, signal, subprocess, sys
+from pcaa_hf.publishing.exporting import load_exported
+from pcaa_hf.utils.signal_stack import current_signal_stack
+signal.signal(signal.SIGCHLD, lambda *args: None)  # a Python handler, as DataLoader workers install
+before = current_signal_stack()
+first, second = load_exported(sys.argv[1]), load_exported(sys.argv[1], config={"INFERENCE_PRECISION_HINT": "bf16"})
+for exported in (first, second):
+    exported(pixel_values=__import__("torch").randn(1, 3, 40, 40))
+del first
+gc.collect()
+del second
+gc.collect()
+assert current_signal_stack() == before, (current_signal_stack(), before)
+subprocess.run(["true"])  # its SIGCHLD is handled on the alternate signal stack
+print("alive")
+"""
+
+
+@pytest.mark.skipif(bool(FORMATS["openvino"][2]), reason="needs openvino")
+def test_openvino_models_released_out_of_order_leave_the_signal_stack_alone(model_folder, tmp_path):
+    """Without pcaa_hf.utils.signal_stack, the SIGCHLD after this kills the process with SIGSEGV (OpenVINO 2026.4)."""
+    export_to_folder(model_folder, tmp_path / "openvino", "openvino", dynamic=False, example_size=(40, 40))
+    result = subprocess.run([sys.executable, "-c", OUT_OF_ORDER_RELEASE, str(tmp_path / "openvino")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "alive" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(bool(FORMATS["onnx"][2]), reason="needs onnx, onnxscript and onnxruntime")
+def test_int8_export_is_calibrated_checked_on_images_and_scored_by_evaluate(cityscapes_tree, tmp_path):
+    model_folder, output = tmp_path / "model", tmp_path / "int8"
+    PCAAForSemanticSegmentation(small_config(num_labels=19)).save_pretrained(model_folder)  # Cityscapes' classes
+    PCAAImageProcessor().save_pretrained(model_folder)
+    arguments = ["--model", model_folder, "--format", "onnx", "--int8", "--dataset_type", "cityscapes",
+                 "--calibration_data", cityscapes_tree, "--calibration_images", "2", "--check_images", "2",
+                 "--min_agreement", "0.5", "--output_dir", output]
+    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, arguments)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "as int8 onnx" in result.stdout and "validation images" in result.stdout
+    agreements = [float(line.split("same class on ")[1].split(" %")[0]) for line in result.stdout.splitlines()
+                  if "same class on" in line]
+    assert len(agreements) == 2 and all(50 <= agreement <= 100 for agreement in agreements)
+    graph = (output / "model.onnx").read_bytes()
+    assert b"QuantizeLinear" in graph and b"DequantizeLinear" in graph
+    # The int8 model is scored like any model folder, by its runtime on the CPU.
+    scored = subprocess.run([sys.executable, str(SCRIPT.parent / "evaluate.py"), "--model", str(output), "--dataset",
+                             "cityscapes", "--data", str(cityscapes_tree), "--output_dir", str(tmp_path / "scores"),
+                             "--num_workers", "0", "--crop_size", "64", "64"], capture_output=True, text=True,
+                            timeout=300)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    results = json.loads((tmp_path / "scores" / "results.json").read_text())
+    assert results["num_images"] == 2 and 0 <= results["mean_iou"] <= 1
+
+
+@pytest.mark.skipif(bool(FORMATS["onnx"][2]), reason="needs onnx, onnxscript and onnxruntime")
+def test_an_int8_export_below_the_agreement_writes_nothing(model_folder, cityscapes_tree, tmp_path):
+    from pcaa_hf.publishing.exporting import dataset_images, int8_quantizer
+
+    processor = PCAAImageProcessor()
+    images = dataset_images("cityscapes", cityscapes_tree, "validation", 1, processor)
+    with pytest.raises(ValueError, match="gives the eager model's class on less than 100.1 % of the pixels"):
+        export_to_folder(model_folder, tmp_path / "int8", "onnx", dynamic=False, example_size=images[0].shape[-2:],
+                         quantizer=int8_quantizer(images), check_shapes=[], check_inputs=images, min_agreement=1.001)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def script():
     from pcaa_hf.cli import export
@@ -282,6 +354,11 @@ def script():
     (["--format", "dynamo", "--opset_version", "18"], "--opset_version only applies to --format onnx"),
     (["--format", "dynamo", "--check_shapes", "3x40"], "a shape is BATCHxHEIGHTxWIDTH"),
     (["--format", "dynamo", "--example-batch-size", "0"], "argument --example_batch_size: expected a positive"),
+    (["--format", "dynamo", "--int8"], "--int8 only applies to --format onnx"),
+    (["--format", "onnx", "--int8"], "--int8 needs --calibration_data and --dataset_type"),
+    (["--format", "onnx", "--calibration_data", "d"], "--calibration_data and --dataset_type only apply with --int8"),
+    (["--format", "onnx", "--int8", "--dataset_type", "cityscapes", "--calibration_data", "d", "--min_agreement",
+      "1.5"], "--min_agreement is a share of pixels, at most 1"),
 ])
 def test_script_refuses_bad_arguments(script, model_folder, tmp_path, capsys, arguments, message):
     with pytest.raises(SystemExit) as exit_info:

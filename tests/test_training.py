@@ -23,7 +23,7 @@ from pcaa_hf.training.arguments import TrainingArguments
 from pcaa_hf.training.checkpoints import TRAINER_STATE, resolve_checkpoint
 from pcaa_hf.training.trainer import epoch_batches, poly_schedule
 from pcaa_hf.utils.atomic_folders import write_manifest
-from pcaa_testing import two_cpu_processes_launcher
+from pcaa_testing import finish_script, start_script, two_processes_launcher
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 RECIPES = SCRIPT.parent / "recipes"
@@ -187,16 +187,8 @@ def training_arguments(data, output, steps, *extra):
             "--logging_steps", "2", "--num_workers", "0", "--learning_rate", "0.05", "--seed", "3", *extra]
 
 
-def run_training(arguments, launcher=(), env=None, **kwargs):
-    command = [sys.executable, *launcher, str(SCRIPT), *arguments]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kwargs)
-
-
-def finish(process, timeout=300):
-    output, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, output[-4000:]
-    return output
+def run_training(arguments, launcher=(), env=None):
+    return start_script([sys.executable, *launcher, str(SCRIPT), *arguments], env)
 
 
 def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(generated_data, tmp_path):
@@ -212,10 +204,10 @@ def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(gene
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    finish(reference)
+    finish_script(reference)
     assert not (interrupted / "model").exists()
 
-    output = finish(run_training(training_arguments(generated_data, interrupted, 8, "--resume_from_checkpoint",
+    output = finish_script(run_training(training_arguments(generated_data, interrupted, 8, "--resume_from_checkpoint",
                                                     "latest")))
     assert "Resumed from" in output
     expected = load_file(uninterrupted / "model" / "model.safetensors")
@@ -231,10 +223,10 @@ def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(gene
 
 def test_two_cpu_processes_with_sync_batch_norm_checkpoint_resume_and_evaluation(generated_data, tmp_path):
     """`accelerate launch` with 2 gloo processes: SyncBatchNorm, a checkpoint, a resume, each image scored once."""
-    launcher = two_cpu_processes_launcher()
+    launcher = two_processes_launcher()
     output_dir = tmp_path / "two_processes"
     arguments = training_arguments(generated_data, output_dir, 4, "--per_device_train_batch_size", "2")
-    first = finish(run_training(arguments, launcher, env={"ACCELERATE_USE_CPU": "1"}))
+    first = finish_script(run_training(arguments, launcher, env={"ACCELERATE_USE_CPU": "1"}))
     assert "agree across the 2 processes" in first
     from pcaa_hf import PCAAConfig, PCAAForSemanticSegmentation
 
@@ -245,8 +237,8 @@ def test_two_cpu_processes_with_sync_batch_norm_checkpoint_resume_and_evaluation
     shutil.rmtree(output_dir / "checkpoints" / "checkpoint-4")  # as if killed between steps 2 and 4
     arguments = training_arguments(generated_data, output_dir, 4, "--per_device_train_batch_size", "2",
                                    "--resume_from_checkpoint", "latest")
-    launcher = two_cpu_processes_launcher()
-    second = finish(run_training(arguments, launcher, env={"ACCELERATE_USE_CPU": "1"}))
+    launcher = two_processes_launcher()
+    second = finish_script(run_training(arguments, launcher, env={"ACCELERATE_USE_CPU": "1"}))
     assert "Resumed from" in second and "checkpoint-2" in second and "agree across the 2 processes" in second
     assert second.count("Resumed from") == 1  # logged by the main process only
     resumed = load_file(output_dir / "model" / "model.safetensors")
@@ -256,6 +248,42 @@ def test_two_cpu_processes_with_sync_batch_norm_checkpoint_resume_and_evaluation
     assert results["completed_steps"] == 4
     assert results["eval_num_images"] == 3  # 3 validation images over 2 processes: each counted exactly once
     assert (output_dir / "model" / "README.md").is_file()
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh)")
+
+
+@needs_cuda
+def test_cuda_bfloat16_training_resumes_from_its_last_checkpoint(generated_data, tmp_path):
+    """
+    The GPU path: bfloat16 autocast, checkpoints holding the CUDA generator's state, and a resume after the newest
+    checkpoint was lost that ends with the uninterrupted run's weights (within the run-to-run differences of cuDNN's
+    kernels, which need not be bitwise reproducible).
+    """
+    output_dir = tmp_path / "cuda"
+    arguments = training_arguments(generated_data, output_dir, 4, "--mixed_precision", "bf16")
+    first = finish_script(run_training(arguments))
+    assert "on cuda, mixed precision bf16" in first
+    uninterrupted = load_file(output_dir / "model" / "model.safetensors")
+    shutil.rmtree(output_dir / "checkpoints" / "checkpoint-4")
+    second = finish_script(run_training([*arguments, "--resume_from_checkpoint", "latest"]))
+    assert "Resumed from" in second and "checkpoint-2" in second
+    resumed = load_file(output_dir / "model" / "model.safetensors")
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_two_cuda_processes_synchronise_batch_norm_under_bfloat16(generated_data, tmp_path):
+    """torch's SyncBatchNorm over NCCL, one process per GPU, bfloat16 autocast, a checkpoint and its resume."""
+    output_dir = tmp_path / "two_gpus"
+    arguments = training_arguments(generated_data, output_dir, 4, "--per_device_train_batch_size", "2")
+    first = finish_script(run_training(arguments, two_processes_launcher("bf16")))
+    assert "synchronised across 2 processes (cuda)" in first and "agree across the 2 processes" in first
+    shutil.rmtree(output_dir / "checkpoints" / "checkpoint-4")
+    second = finish_script(run_training([*arguments, "--resume_from_checkpoint", "latest"],
+                                        two_processes_launcher("bf16")))
+    assert second.count("Resumed from") == 1 and "agree across the 2 processes" in second
 
 
 def test_main_job_runs_end_to_end_and_exports_a_model_card(tmp_path):

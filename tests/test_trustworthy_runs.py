@@ -25,7 +25,7 @@ from pcaa_hf.training.checkpoints import checkpoint_problems
 from pcaa_hf.training.trainer import Trainer, TrainingDivergedError
 from pcaa_hf.utils.atomic_folders import write_manifest
 from pcaa_hf.utils.folder_lock import FolderInUseError
-from pcaa_testing import two_cpu_processes_launcher
+from pcaa_testing import two_processes_launcher
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 STEPS = 4  # two checkpoints, at steps 2 and 4
@@ -201,7 +201,7 @@ def test_with_two_processes_a_refusal_on_one_stops_both(data, tmp_path):
     output = tmp_path / "run"
     holder = hold_lock(output)
     try:
-        command = [sys.executable, *two_cpu_processes_launcher(), str(SCRIPT), *command_line(data, output)]
+        command = [sys.executable, *two_processes_launcher(), str(SCRIPT), *command_line(data, output)]
         process = subprocess.run(command, capture_output=True, text=True, timeout=240,
                                  env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     finally:

@@ -10,6 +10,8 @@ Examples:
         --scales 0.5 0.75 1.0 1.25 1.5 1.75 --flip --output_dir eval-ade
     # several processes or GPUs: each scores its share of the split, the results are summed
     accelerate launch --num_processes 2 scripts/evaluate.py --model ... --dataset ... --data ...
+    # an export of scripts/export.py (ONNX, OpenVINO, an int8 ONNX model), run by its runtime on the CPU
+    python scripts/evaluate.py --model pcaa-r50-cityscapes-int8 --dataset cityscapes --data /data/cityscapes
 
 Images are prepared by the model folder's image processor (e.g. ADE20K's keep-ratio resize to 2048x512) and
 predicted at their own size; predictions are scored at the label's original resolution. mIoU follows `evaluate`'s
@@ -40,6 +42,7 @@ from pcaa_hf.evaluation.prediction_files import PredictionWriter, read_label_map
 from pcaa_hf.evaluation.scoring import evaluate_segmentation, metrics_to_json, results_table
 from pcaa_hf.inference.model_folders import load_saved_image_processor, load_saved_model
 from pcaa_hf.inference.segmentation_inference import MODES, SegmentationInference
+from pcaa_hf.publishing.exporting import is_export_folder, load_exported
 from pcaa_hf.utils.atomic_folders import write_json_atomically
 from pcaa_hf.utils.process_settings import check_mixed_precision, configure_cpu_process
 
@@ -51,7 +54,8 @@ DEFAULT_MODES = {"cityscapes": "slide", "ade20k": "whole", "datasets": "whole"}
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True, help="a save_pretrained folder or a Hub model id")
+    parser.add_argument("--model", required=True,
+                        help="a save_pretrained folder, a Hub model id or a folder of scripts/export.py")
     parser.add_argument("--dataset", required=True, choices=sorted(DEFAULT_MODES),
                         help="cityscapes / ade20k: the data set's own folder layout; datasets: a save_to_disk folder "
                              "or anything datasets.load_dataset reads, with image and label columns")
@@ -114,7 +118,14 @@ def main(argv=None):
     check_mixed_precision(accelerator)
     inference = SegmentationInference(args.mode, tuple(args.crop_size), args.stride and tuple(args.stride),
                                       tuple(args.scales), args.flip, args.window_batch_size)
-    model = load_saved_model(args.model, trust_remote_code=args.trust_remote_code)
+    exported = is_export_folder(args.model)
+    if exported and (accelerator.mixed_precision != "no" or accelerator.device.type != "cpu"):
+        raise ValueError(f"--model {args.model} is an export, which runs in its own precision on the CPU: leave out "
+                         "--mixed_precision and run on a CPU.")
+    if exported:
+        model = load_exported(args.model, trust_remote_code=args.trust_remote_code)
+    else:
+        model = load_saved_model(args.model, trust_remote_code=args.trust_remote_code)
     processor = load_saved_image_processor(args.model, trust_remote_code=args.trust_remote_code)
     id2label = {int(index): name for index, name in model.config.id2label.items()}
     if args.dataset == "datasets" and not (args.reduce_labels or args.label_map) and (
@@ -132,7 +143,8 @@ def main(argv=None):
                                   cityscapes_label_ids=args.cityscapes_test_format)
 
     args.output_dir.mkdir(parents=True, exist_ok=True)  # before the work whose results go there
-    model.to(accelerator.device)
+    if not exported:
+        model.to(accelerator.device)
     logger.info("Evaluating %s on %s (%s, %d images) with %s, %d process(es)", args.model, args.data, args.split,
                 len(split), inference, accelerator.num_processes)
     start = time.perf_counter()

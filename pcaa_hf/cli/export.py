@@ -13,6 +13,13 @@ Examples:
     python scripts/export.py --model pcaa-r50-cityscapes --format dynamo --static --example_size 768 768 \
         --output_dir pcaa-768
 
+--int8 (ONNX only) quantizes the export for CPU deployment with ONNX Runtime's static int8 quantization (through
+transformers' OnnxRuntimeQuantizer), calibrated on --calibration_images training images of --calibration_data, and
+accepts it only when it keeps the float32 model's class on at least --min_agreement of the pixels of each of
+--check_images validation images:
+    python scripts/export.py --model pcaa-r50-cityscapes --format onnx --int8 --dataset_type cityscapes \
+        --calibration_data cityscapes --output_dir pcaa-r50-cityscapes-int8
+
 Load the result with `pcaa_hf.publishing.exporting.load_exported(folder)` (or transformers'
 `ExportedModel.from_pretrained(folder)`; a dynamo export needs trust_remote_code=True) and call it as the model:
 `exported(pixel_values=pixel_values).logits`.
@@ -30,7 +37,15 @@ from pcaa_hf.cli.arguments import (
     positive_int,
     reports_errors,
 )
-from pcaa_hf.publishing.exporting import DEFAULT_EXAMPLE_SIZE, EXPORT_FORMATS, export_to_folder
+from pcaa_hf.data.builders import DATASET_TYPES
+from pcaa_hf.inference.model_folders import load_saved_image_processor
+from pcaa_hf.publishing.exporting import (
+    DEFAULT_EXAMPLE_SIZE,
+    EXPORT_FORMATS,
+    dataset_images,
+    export_to_folder,
+    int8_quantizer,
+)
 from pcaa_hf.utils.process_settings import configure_cpu_process
 
 
@@ -59,9 +74,31 @@ def parse_args(argv=None):
                              "(default: 1e-4)")
     parser.add_argument("--opset_version", type=positive_int, help="--format onnx: the ONNX opset (default: latest)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output_dir")
+    int8 = parser.add_argument_group("int8 quantization (--format onnx)")
+    int8.add_argument("--int8", action="store_true",
+                      help="quantize to int8 (ONNX Runtime static quantization: int8 weights per output channel, "
+                           "uint8 activations calibrated on training images)")
+    int8.add_argument("--calibration_data", help="the data set folder whose train split calibrates, whose "
+                                                 "validation split checks the int8 model")
+    int8.add_argument("--dataset_type", choices=DATASET_TYPES[:2], help="the layout of --calibration_data")
+    int8.add_argument("--calibration_images", type=positive_int, default=8,
+                      help="training images that calibrate the activations' ranges (default: 8)")
+    int8.add_argument("--check_images", type=positive_int, default=4,
+                      help="validation images the int8 model is checked on (default: 4)")
+    int8.add_argument("--min_agreement", type=positive_float, default=0.98,
+                      help="least share of pixels of each checked image whose class is the float32 model's "
+                           "(default: 0.98)")
     args = parser.parse_args(argv)
     if args.opset_version is not None and args.format != "onnx":
         parser.error("--opset_version only applies to --format onnx")
+    if args.int8 and args.format != "onnx":
+        parser.error("--int8 only applies to --format onnx")
+    if args.int8 and not (args.calibration_data and args.dataset_type):
+        parser.error("--int8 needs --calibration_data and --dataset_type: the activations are calibrated on images")
+    if not args.int8 and (args.calibration_data or args.dataset_type):
+        parser.error("--calibration_data and --dataset_type only apply with --int8")
+    if args.min_agreement > 1:
+        parser.error(f"--min_agreement is a share of pixels, at most 1; got {args.min_agreement}")
     if args.dynamic and args.example_batch_size == 1:
         parser.error("--example_batch_size must be at least 2 with --dynamic: torch.export fixes an axis traced "
                      "at size 1")
@@ -74,20 +111,31 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     options = {} if args.opset_version is None else {"opset_version": args.opset_version}
+    if args.int8:
+        processor = load_saved_image_processor(args.model)
+        calibration = dataset_images(args.dataset_type, args.calibration_data, "train", args.calibration_images,
+                                     processor)
+        options.update(quantizer=int8_quantizer(calibration),
+                       check_inputs=dataset_images(args.dataset_type, args.calibration_data, "validation",
+                                                   args.check_images, processor),
+                       min_agreement=args.min_agreement, check_shapes=args.check_shapes or [])
+    else:
+        options["check_shapes"] = args.check_shapes
     with warnings.catch_warnings():
         # torch.export's and onnxscript's deprecation chatter about their own internals.
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         report = export_to_folder(
             args.model, args.output_dir, args.format, dynamic=args.dynamic, example_size=args.example_size,
-            batch_size=args.example_batch_size, check_shapes=args.check_shapes, tolerance=args.tolerance,
-            overwrite=args.overwrite, **options,
+            batch_size=args.example_batch_size, tolerance=args.tolerance, overwrite=args.overwrite, **options,
         )
     axes = "dynamic batch size, height and width" if report.dynamic else "static shape"
-    print(f"Exported {args.model} as {report.format} ({axes}) to {report.output_dir}, traced on "
+    kind = "int8 " if args.int8 else ""
+    print(f"Exported {args.model} as {kind}{report.format} ({axes}) to {report.output_dir}, traced on "
           f"{'x'.join(map(str, report.example_shape))} in {report.export_seconds:.1f} s.")
     print(f"Files: {', '.join(report.files)}")
-    print(f"Reloaded and compared with the eager model ({str(report.dtype).removeprefix('torch.')}, random inputs):")
+    inputs = "validation images" if args.int8 else "random inputs"
+    print(f"Reloaded and compared with the eager model ({str(report.dtype).removeprefix('torch.')}, {inputs}):")
     for check in report.checks:
         print(f"  {check}")
     return 0

@@ -65,7 +65,8 @@ def evaluate_segmentation(model, dataset, num_labels, inference=None, accelerato
                           num_workers=0, ignore_index=IGNORE_INDEX, on_prediction=None, description="Evaluating"):
     """
     Score `model` on `dataset`, a split whose examples hold `pixel_values` (3, h, w) and `labels` (H, W) (e.g. a
-    `datasets` split with `pcaa_hf.data.transforms.EvalTransform`); predictions are made at the label's size.
+    `datasets` split with `pcaa_hf.data.transforms.EvalTransform`); predictions are made at the label's size. The
+    model is a PCAA model or an export of one (`pcaa_hf.publishing.exporting.load_exported`).
 
     inference: a `SegmentationInference` (default: whole image). accelerator: an `accelerate.Accelerator` to share
     the split among processes, run under its autocast and sum the results; every process must call this.
@@ -79,30 +80,36 @@ def evaluate_segmentation(model, dataset, num_labels, inference=None, accelerato
     if accelerator is not None:
         # The bare module: a DistributedDataParallel wrapper may synchronise buffers at every forward, which would
         # hang when processes run different numbers of forwards.
-        model = accelerator.unwrap_model(model)
+        if isinstance(model, torch.nn.Module):
+            model = accelerator.unwrap_model(model)
         num_processes, process_index = accelerator.num_processes, accelerator.process_index
         autocast, is_main = accelerator.autocast, accelerator.is_main_process
     else:
         num_processes, process_index, autocast, is_main = 1, 0, contextlib.nullcontext, True
-    parameter = next(model.parameters())
+    if isinstance(model, torch.nn.Module):
+        parameter = next(model.parameters())
+        device, dtype = parameter.device, parameter.dtype
+    else:  # an exported model (transformers' ExportedModel), which takes inputs where it runs
+        device, dtype = model.device, model.dtype
     share = IndexedShare(dataset, process_share(len(dataset), num_processes, process_index))
     # An explicit generator keeps the global RNG untouched (a DataLoader draws a seed from it otherwise), so that
     # evaluating in the middle of training does not change the training run.
     loader = DataLoader(share, batch_size=batch_size, num_workers=num_workers, collate_fn=keep_examples,
                         generator=torch.Generator())
-    metric = ConfusionMatrix(num_labels, ignore_index, device=parameter.device)
-    was_training = model.training
-    model.eval()
+    metric = ConfusionMatrix(num_labels, ignore_index, device=device)
+    was_training = getattr(model, "training", None)
+    if was_training is not None:
+        model.eval()
     try:
         with tqdm(total=len(dataset), desc=description, disable=not is_main, unit="img") as progress:
             for batch in loader:
                 for group in equal_size_groups(batch):
                     pixel_values = torch.stack([torch.as_tensor(example["pixel_values"]) for _, example in group])
                     labels = torch.stack([torch.as_tensor(np.asarray(example["labels"])) for _, example in group])
-                    labels = labels.to(parameter.device)
+                    labels = labels.to(device)
                     with autocast():
                         predictions = inference.predict(
-                            model, pixel_values.to(parameter.device, parameter.dtype), labels.shape[-2:])
+                            model, pixel_values.to(device, dtype), labels.shape[-2:])
                     try:
                         metric.update(predictions, labels)
                     except ValueError as error:
@@ -114,7 +121,8 @@ def evaluate_segmentation(model, dataset, num_labels, inference=None, accelerato
                 # Other processes advance at about the same rate; the bar shows the whole split's progress.
                 progress.update(min(len(batch) * num_processes, progress.total - progress.n))
     finally:
-        model.train(was_training)
+        if was_training is not None:
+            model.train(was_training)
     return metric.compute(accelerator)
 
 

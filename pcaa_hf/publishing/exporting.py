@@ -26,8 +26,11 @@ from pathlib import Path
 
 import torch
 
+from pcaa_hf.data.builders import open_dataset, select_split
+from pcaa_hf.data.transforms import EvalTransform
 from pcaa_hf.inference.model_folders import load_saved_image_processor, load_saved_model
 from pcaa_hf.utils.atomic_folders import write_folder_atomically
+from pcaa_hf.utils.signal_stack import keep_signal_stack
 
 EXPORT_FORMATS = ("dynamo", "onnx", "openvino")
 # The packages each format needs to export and run, beyond torch and transformers.
@@ -105,7 +108,13 @@ def export_model(model, format="onnx", dynamic=True, example_size=DEFAULT_EXAMPL
 
     inputs = example_inputs(model, tuple(example_size), batch_size)
     model.eval()
-    return AutoHfExporter.from_config(config).export(model, inputs, config)
+    with keep_signal_stack():  # OpenVINO compiles the exported model (pcaa_hf.utils.signal_stack)
+        return AutoHfExporter.from_config(config).export(model, inputs, config)
+
+
+def is_export_folder(folder):
+    """Whether `folder` holds an export (its export.json), rather than a model folder."""
+    return (Path(folder) / "export.json").is_file()
 
 
 def load_exported(folder, device=None, trust_remote_code=False, **runner_kwargs):
@@ -126,36 +135,76 @@ def load_exported(folder, device=None, trust_remote_code=False, **runner_kwargs)
         dtypes = {component["metadata"].get("export_dtype") for component in manifest["components"].values()}
         if dtypes == {"float32"}:
             runner_kwargs["config"] = dict(OPENVINO_FLOAT32)
-    return ExportedModel.from_pretrained(folder, device=device, trust_remote_code=trust_remote_code, **runner_kwargs)
+    with keep_signal_stack():  # OpenVINO compiles the model here (pcaa_hf.utils.signal_stack)
+        return ExportedModel.from_pretrained(folder, device=device, trust_remote_code=trust_remote_code,
+                                             **runner_kwargs)
 
 
 @dataclass
 class ExportCheck:
-    """One comparison of an export with the eager model on random inputs of `shape` (batch, channels, H, W)."""
+    """One comparison of an export with the eager model on inputs of `shape` (batch, channels, H, W)."""
 
     shape: tuple
     max_abs_difference: float  # over the logits and the region class scores
     logits_scale: float  # max |eager logits|
+    argmax_agreement: float  # share of the logits' pixels whose class is the eager model's
 
     def __str__(self):
         return (f"{'x'.join(map(str, self.shape))}: max |exported - eager| = {self.max_abs_difference:.2e} "
-                f"(logits up to {self.logits_scale:.3g})")
+                f"(logits up to {self.logits_scale:.3g}), same class on {100 * self.argmax_agreement:.2f} % of "
+                "the pixels")
 
 
-def compare_with_eager(model, exported, shapes, seed=1):
-    """Run `exported` and the eager `model` on random inputs of each (batch, height, width) in `shapes`."""
+def compare_with_eager(model, exported, shapes=(), seed=1, inputs=()):
+    """
+    Run `exported` and the eager `model` on random inputs of each (batch, height, width) in `shapes`, and on each
+    `pixel_values` tensor of `inputs` (images, for a quantized export).
+    """
+    batches = [example_inputs(model, (height, width), batch_size, seed=seed + index)["pixel_values"]
+               for index, (batch_size, height, width) in enumerate(shapes)]
+    batches += [pixel_values.to(device=model.device, dtype=model.dtype) for pixel_values in inputs]
     checks = []
-    for index, (batch_size, height, width) in enumerate(shapes):
-        inputs = example_inputs(model, (height, width), batch_size, seed=seed + index)
+    for pixel_values in batches:
         with torch.no_grad():
-            expected = model(**inputs)
-        actual = exported(**inputs)
+            expected = model(pixel_values=pixel_values)
+        actual = exported(pixel_values=pixel_values)
         pairs = [(actual.logits, expected.logits)]
         pairs += list(zip(actual.region_class_scores, expected.region_class_scores))
         difference = max((a.float() - e.float()).abs().max().item() for a, e in pairs)
-        checks.append(ExportCheck(tuple(inputs["pixel_values"].shape), difference,
-                                  expected.logits.abs().max().item()))
+        agreement = (actual.logits.argmax(1) == expected.logits.argmax(1)).double().mean().item()
+        checks.append(ExportCheck(tuple(pixel_values.shape), difference, expected.logits.abs().max().item(),
+                                  agreement))
     return checks
+
+
+def dataset_images(dataset_type, data, split, count, processor):
+    """
+    The first `count` images of `split` of a data set (`pcaa_hf.data.builders.open_dataset`'s types), prepared by
+    `processor` as evaluation prepares them: a list of (1, 3, H, W) `pixel_values`, for calibration and checks.
+    """
+    examples = select_split(open_dataset(dataset_type, data), split, data, count)
+    examples = examples.with_transform(EvalTransform(image_processor=processor))
+    return [torch.as_tensor(example["pixel_values"])[None] for example in examples]
+
+
+def int8_quantizer(calibration_images, per_channel=True):
+    """
+    transformers' `OnnxRuntimeQuantizer` for an "onnx" export (pass it as `quantizer=` to `export_model` or
+    `export_to_folder`): ONNX Runtime's static int8 quantization in the QDQ format, int8 weights (one scale per output
+    channel with `per_channel`) and uint8 activations whose ranges are calibrated on `calibration_images`, a few
+    (B, 3, H, W) `pixel_values` of preprocessed training images (`dataset_images`). On CPUs with VNNI instructions the
+    convolutions then run on int8 kernels.
+    """
+    check_format("onnx")
+    from onnxruntime.quantization import QuantFormat, QuantType
+    from transformers.exporters import OnnxRuntimeQuantizer, OnnxRuntimeStaticConfig
+
+    calibration = [{"pixel_values": pixel_values} for pixel_values in calibration_images]
+    if not calibration:
+        raise ValueError("int8 quantization needs at least one calibration batch.")
+    config = OnnxRuntimeStaticConfig(quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return OnnxRuntimeQuantizer(config, calibration_dataset=calibration)
 
 
 @dataclass
@@ -181,13 +230,16 @@ def default_check_shapes(example_size, batch_size, dynamic):
 
 
 def export_to_folder(model, output_dir, format="onnx", dynamic=True, example_size=DEFAULT_EXAMPLE_SIZE,
-                     batch_size=None, check_shapes=None, tolerance=1e-4, overwrite=False, **options):
+                     batch_size=None, check_shapes=None, tolerance=1e-4, overwrite=False, check_inputs=(),
+                     min_agreement=None, **options):
     """
     Export `model` (a PCAA model, or the path of its `save_pretrained` folder) with `export_model` and write the
     export to `output_dir` atomically: it is saved in a sibling folder, reloaded from there and compared with the eager
-    model on each (batch, height, width) of `check_shapes` (default `default_check_shapes`), and moved into place only
-    when every max |difference| is at most `tolerance` x max(1, max |logits|). A model folder's image processor is
-    saved with it. Returns an `ExportReport`.
+    model on random inputs of each (batch, height, width) of `check_shapes` (default `default_check_shapes`) and on
+    the `pixel_values` tensors of `check_inputs`, and moved into place only when every check passes: each max
+    |difference| at most `tolerance` x max(1, max |logits|) or, given `min_agreement` (a quantized export, whose
+    logits move by design), each share of pixels keeping the eager model's class at least that. A model folder's
+    image processor is saved with it. Returns an `ExportReport`.
     """
     check_format(format)
     output = Path(output_dir)
@@ -217,13 +269,17 @@ def export_to_folder(model, output_dir, format="onnx", dynamic=True, example_siz
             processor.save_pretrained(staging)
         # The dynamo export was written here just now, so loading it runs no code but ours.
         reloaded = load_exported(staging, trust_remote_code=True)
-        report.checks = compare_with_eager(model, reloaded, check_shapes)
-        failed = [check for check in report.checks
-                  if not check.max_abs_difference <= tolerance * max(1.0, check.logits_scale)]
+        report.checks = compare_with_eager(model, reloaded, check_shapes, inputs=check_inputs)
+        if min_agreement is not None:
+            failed = [check for check in report.checks if not check.argmax_agreement >= min_agreement]
+            criterion = f"gives the eager model's class on less than {100 * min_agreement:g} % of the pixels"
+        else:
+            failed = [check for check in report.checks
+                      if not check.max_abs_difference <= tolerance * max(1.0, check.logits_scale)]
+            criterion = (f"differs from the eager model by more than the tolerance {tolerance} (relative to max(1, "
+                         "max |logits|))")
         if failed:
-            raise ValueError(f"The {format} export differs from the eager model by more than the tolerance "
-                               f"{tolerance} (relative to max(1, max |logits|)): "
-                               + "; ".join(map(str, failed)))
+            raise ValueError(f"The {format} export {criterion}: " + "; ".join(map(str, failed)))
         report.files = sorted(path.name for path in Path(staging).iterdir())
 
     report.output_dir = write_folder_atomically(save_and_check, output_dir, overwrite)
@@ -237,8 +293,11 @@ __all__ = [
     "ExportReport",
     "check_format",
     "compare_with_eager",
+    "dataset_images",
     "export_config",
     "export_model",
     "export_to_folder",
+    "int8_quantizer",
+    "is_export_folder",
     "load_exported",
 ]

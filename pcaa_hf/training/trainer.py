@@ -372,10 +372,11 @@ class Trainer:
     def train_evaluate_export(self):
         args, accelerator = self.args, self.accelerator
         total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-        logger.info("Training %s on %d images (%s), %d steps of %d images (%d process(es) x %d x %d accumulated)",
-                    type(accelerator.unwrap_model(self.model)).__name__, len(self.train_split), args.data,
-                    args.max_train_steps, total_batch, accelerator.num_processes, args.per_device_train_batch_size,
-                    args.gradient_accumulation_steps)
+        logger.info("Training %s on %d images (%s), %d steps of %d images (%d process(es) x %d x %d accumulated) "
+                    "on %s, mixed precision %s", type(accelerator.unwrap_model(self.model)).__name__,
+                    len(self.train_split), args.data, args.max_train_steps, total_batch, accelerator.num_processes,
+                    args.per_device_train_batch_size, args.gradient_accumulation_steps, accelerator.device.type,
+                    accelerator.mixed_precision)
         with logging_redirect_tqdm():  # log lines above the progress bar, not glued to it
             self.run_steps()
         self.check_processes_agree()
@@ -387,6 +388,10 @@ class Trainer:
             for upload in self.publisher.retry_pending():
                 logger.warning("Still could not upload %s to %s; upload it later with `huggingface-cli upload`.",
                                upload[0], self.publisher.repo_id)
+        # A gloo worker thread frees each finished collective's tensors, which needs the GIL; a process group torn
+        # down before it could (at end_training, or when the DDP model that still holds the group is freed) joins
+        # that thread while holding the GIL, and the process hangs for good. The barrier lets it finish first.
+        accelerator.wait_for_everyone()
         accelerator.end_training()
         return metrics
 
