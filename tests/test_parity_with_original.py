@@ -54,3 +54,17 @@ def test_a_failed_comparison_is_named_in_the_verdict():
     assert check.summary(rows) == ("FAIL: our rounding error at most 4x the authors' (+1e-6); failed: "
                                    "r50-cityscapes logits")
     assert ParityCheck(ORIGINAL).failed(float("nan"), None, None)
+
+
+@needs_the_authors_code
+def test_the_benchmark_times_the_authors_training_step_of_the_same_model():
+    """Their `Seg_Model`, loss and SGD parameter groups, timed beside ours: the same network, so nearly equal FLOPs."""
+    from pcaa_hf.benchmarks.model_speed import ModelCase, authors_model_builder, benchmark_model_case, paper_model
+
+    case = ModelCase("training", 50, 64, 2, "float32", False)
+    limits = {"float32": {"size": 256, "kernel": "conv1x1"}}
+    builders = {"pcaa_hf": paper_model, "authors": authors_model_builder(ORIGINAL)}
+    ours, theirs = benchmark_model_case(case, torch.device("cpu"), limits, calls=1, builders=builders)
+    assert theirs["implementation"] == "authors" and theirs["seconds"] > 0
+    assert theirs["flops"] == pytest.approx(ours["flops"], rel=0.02)
+    assert theirs["peak_memory_bytes"] == pytest.approx(ours["peak_memory_bytes"], rel=0.1)

@@ -8,7 +8,12 @@ Sections:
           peak memory of the paper's model (output stride 8, one 4x4 PCAA module, 19 classes, random weights) for
           every combination of --tasks, --depths, --sizes (square), --batch_sizes, --dtypes (bfloat16 = autocast),
           --channels_last, --checkpointing (training only) and --compile; with --original, the authors' model too
-          (inference cases).
+          (uncompiled cases; their training step with their loss and train.py's SGD parameter groups).
+  runtimes
+          our model beside the deployment runtimes on its export by transformers' exporters (pcaa_hf.benchmarks.
+          runtimes): ONNX Runtime and OpenVINO on the CPU, float32 and bfloat16, and the int8 ONNX model, for every
+          --depths, --sizes and --batch_sizes (or the model of --weights), same inputs, in alternation; int8 is
+          calibrated on --calibration_data's training images when given (else random inputs: speed only).
   slide   sliding-window evaluation of a generated 1024x2048 Cityscapes-like frame (768x768 windows, stride 512,
           --window_batch_size per forward) against the sum of its windows' single forwards, and the share of pixels
           whose argmax under bfloat16 autocast equals float32's (where the device has bfloat16 arithmetic).
@@ -21,12 +26,14 @@ Sections:
 Every finished measurement is written to --output at once (atomically), so an interrupted run keeps its figures.
 """
 
+import importlib.util
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pcaa_hf.benchmarks.measurements import benchmark_mean_iou, benchmark_train_transform, machine_description
 from pcaa_hf.benchmarks.model_speed import (
@@ -41,16 +48,19 @@ from pcaa_hf.benchmarks.model_speed import (
     paper_model,
     target_checks,
 )
+from pcaa_hf.benchmarks.runtimes import CONTENDERS, RUNTIME_PACKAGES, benchmark_runtimes, runtime_target_checks
 from pcaa_hf.cli.arguments import ArgumentParser, positive_int
+from pcaa_hf.data.builders import DATASET_TYPES
 from pcaa_hf.data.label_sets import CITYSCAPES_ID_TO_TRAIN_ID
 from pcaa_hf.data.synthetic import street_scene
 from pcaa_hf.model.configuration_pcaa import BACKBONE_DEPTHS
 from pcaa_hf.model.image_processing_pcaa import PCAAImageProcessor
 from pcaa_hf.model.modeling_pcaa import PCAAForSemanticSegmentation
+from pcaa_hf.publishing.exporting import dataset_images
 from pcaa_hf.utils.atomic_folders import write_json_atomically
 from pcaa_hf.utils.process_settings import configure_cpu_process
 
-SECTIONS = ("limit", "model", "slide", "data", "metric")
+SECTIONS = ("limit", "model", "runtimes", "slide", "data", "metric")
 SWITCH = {"off": False, "on": True}
 GIB = 2 ** 30
 
@@ -132,11 +142,13 @@ def model_section(args, device, limits, results, save):
     for case in cases:
         builders, skipped = {}, {}
         for implementation, build_model in implementations.items():
-            if implementation == "authors" and (case.task != "inference" or case.compile):
+            if implementation == "authors" and case.compile:
                 continue
             reason = bfloat16_unsupported(device) if case.dtype == "bfloat16" else None
             if implementation == "authors" and case.depth not in (50, 101):
                 reason = "the authors' code builds ResNet-50 and ResNet-101 only"
+            if implementation == "authors" and case.checkpointing:
+                reason = "the authors' code has no activation checkpointing"
             if reason:
                 skipped[implementation] = reason
             else:
@@ -152,6 +164,53 @@ def model_section(args, device, limits, results, save):
             rows.append({**asdict(case), "implementation": implementation, "skipped": reason})
             print(f"  {row_label(case, implementation):<74}skipped: {reason}")
         save()
+
+
+def contender_label(runtime, precision):
+    return f"{runtime} {precision}"
+
+
+def runtimes_section(args, results, save):
+    unavailable = {runtime: [package for package in packages if importlib.util.find_spec(package) is None]
+                   for runtime, packages in RUNTIME_PACKAGES.items()}
+    contenders = [(runtime, precision) for runtime, precision in CONTENDERS
+                  if contender_label(runtime, precision) in args.contenders]
+    skipped = {contender: f"needs {', '.join(unavailable[contender[0]])}" for contender in contenders
+               if unavailable[contender[0]]}
+    if bfloat16_unsupported(torch.device("cpu")):
+        skipped.update({contender: bfloat16_unsupported(torch.device("cpu")) for contender in contenders
+                        if contender[1] == "bfloat16"})
+    contenders = [contender for contender in contenders if contender not in skipped]
+    for contender, reason in skipped.items():
+        print(f"  {contender_label(*contender)} skipped: {reason}")
+    if args.weights:
+        models = {args.weights: PCAAForSemanticSegmentation.from_pretrained(args.weights)}
+    else:
+        models = {f"paper R{depth}, random weights": paper_model(depth) for depth in args.depths}
+    rows = results.setdefault("runtimes", [])
+    print(f"Deployment runtimes on the CPU ({args.calls} timed calls each, the fastest kept; agreement: share of "
+          "pixels with our float32 model's class):")
+    print(f"  {'model':<34}{'input':>14}  {'runtime':<22}{'img/s':>8}{'vs ours fp32':>14}{'agreement':>11}")
+    for name, model in models.items():
+        images = []
+        if args.calibration_data:
+            processor = PCAAImageProcessor.from_pretrained(args.weights) if args.weights else PCAAImageProcessor()
+            images = dataset_images(args.dataset_type, args.calibration_data, "train", args.calibration_images,
+                                    processor)
+        for size in args.sizes:
+            for batch_size in args.batch_sizes:
+                # The training images at the exports' static input shape.
+                calibration = [F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False).expand(
+                    batch_size, -1, -1, -1) for image in images] or None
+                measured = benchmark_runtimes(model, size, batch_size, contenders, calibration, calls=args.calls)
+                for row in measured:
+                    row.update(model=name, depth=model.config.backbone_depth)
+                    rows.append(row)
+                    print(f"  {name:<34}{f'{batch_size}x3x{size}x{size}':>14}  "
+                          f"{contender_label(row['runtime'], row['precision']):<22}{row['images_per_second']:>8.2f}"
+                          f"{row['speed_vs_pcaa_hf_float32']:>13.2f}x{100 * row['argmax_agreement']:>10.2f}%",
+                          flush=True)
+                save()
 
 
 def slide_section(args, device, results, save):
@@ -207,10 +266,19 @@ def main(argv=None):
                        help="activation checkpointing of the backbone blocks (training cases)")
     model.add_argument("--compile", nargs="+", choices=SWITCH, default=["off"], help="torch.compile the model")
     model.add_argument("--original", type=Path,
-                       help="a checkout of GitHub lsa1997/PCAA: time the authors' model too (inference cases)")
+                       help="a checkout of GitHub lsa1997/PCAA: time the authors' model too (uncompiled cases)")
+    runtimes = parser.add_argument_group("runtimes section")
+    labels = [contender_label(*contender) for contender in CONTENDERS]
+    runtimes.add_argument("--contenders", nargs="+", choices=labels, default=labels,
+                          help="what runs the model (default: all; those whose package is missing are skipped)")
+    runtimes.add_argument("--calibration_data", help="a data set folder whose training images calibrate int8")
+    runtimes.add_argument("--dataset_type", choices=DATASET_TYPES[:2], default="cityscapes",
+                          help="the layout of --calibration_data")
+    runtimes.add_argument("--calibration_images", type=positive_int, default=8)
     slide = parser.add_argument_group("slide section")
     slide.add_argument("--slide_depth", type=int, choices=BACKBONE_DEPTHS, default=101)
-    slide.add_argument("--weights", help="a saved PCAA folder to use instead of the random paper model")
+    slide.add_argument("--weights", help="a saved PCAA folder to use instead of the random paper model (runtimes "
+                                         "and slide sections)")
     slide.add_argument("--window_batch_size", type=positive_int, default=4)
     other = parser.add_argument_group("data and metric sections")
     other.add_argument("--repeats", type=positive_int, default=60, help="data section: images per pipeline")
@@ -242,9 +310,11 @@ def main(argv=None):
         save()
     if "model" in args.sections:
         model_section(args, device, results["limits"], results, save)
+    if "runtimes" in args.sections:
+        runtimes_section(args, results, save)
     if "slide" in args.sections:
         slide_section(args, device, results, save)
-    checks = target_checks(results)
+    checks = target_checks(results) + runtime_target_checks(results.get("runtimes", []))
     if checks:
         results["targets"] = [{"target": target, "measured": figure, "met": met} for target, figure, met in checks]
         save()

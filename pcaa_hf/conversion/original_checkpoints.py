@@ -241,12 +241,13 @@ def convert_original_checkpoint(checkpoint, output, backbone, num_labels, bins, 
     return PCAAForSemanticSegmentation.from_pretrained(output)
 
 
-def import_original(root):
+def import_original(root, modules=("networks.caanet", "loss.criterion")):
     """
-    Import the authors' model and loss modules (`networks.caanet`, `loss.criterion`) from a checkout of GitHub
-    lsa1997/PCAA, for comparisons only. Their utils import cv2, unused on this path: a stand-in serves while they load
-    when OpenCV is missing. Afterwards `sys.path` and `sys.modules` are as before (the checkout's evaluate.py would
-    shadow the `evaluate` package, and its generic module names those of other checkouts).
+    Import modules of a checkout of GitHub lsa1997/PCAA, for comparisons only; by default the authors' model and loss
+    modules (`networks.caanet`, `loss.criterion`), returned in the order asked. Their utils import cv2, unused on
+    these paths: a stand-in serves while they load when OpenCV is missing. Afterwards `sys.path` and `sys.modules` are
+    as before (the checkout's evaluate.py would shadow the `evaluate` package, and its generic module names those of
+    other checkouts).
     """
     saved_path, saved_modules = list(sys.path), set(sys.modules)
     if importlib.util.find_spec("cv2") is None:
@@ -254,8 +255,7 @@ def import_original(root):
     root = Path(root).resolve()
     sys.path.insert(0, str(root))
     try:
-        caanet = importlib.import_module("networks.caanet")
-        criterion = importlib.import_module("loss.criterion")
+        imported = tuple(importlib.import_module(name) for name in modules)
     finally:
         sys.path[:] = saved_path
         for name in set(sys.modules) - saved_modules:
@@ -263,4 +263,4 @@ def import_original(root):
             stand_in = name == "cv2" and origin is None
             if stand_in or (origin is not None and root in Path(origin).resolve().parents):
                 del sys.modules[name]
-    return caanet, criterion
+    return imported

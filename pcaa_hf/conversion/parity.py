@@ -93,9 +93,17 @@ def named_outputs(logits, region_class_scores, segmentation_loss, auxiliary_loss
     return outputs
 
 
+def authors_onehot_labels(labels, num_labels, dtype):
+    """
+    The one-hot label maps (N, num_labels, H, W) that the authors' data loader makes beside the label maps (N, H, W)
+    for their region loss (`--onehot`); ignored pixels (255) are zero in every class.
+    """
+    return torch.stack([(labels == k) for k in range(num_labels)], dim=1).to(dtype)
+
+
 def authors_outputs(theirs, pixel_values, labels, num_labels):
     """`named_outputs` of the authors' model: logits, region class scores, loss terms."""
-    labels_onehot = torch.stack([(labels == k) for k in range(num_labels)], dim=1).to(pixel_values.dtype)
+    labels_onehot = authors_onehot_labels(labels, num_labels, pixel_values.dtype)
     with torch.no_grad():
         logits, scores = theirs(pixel_values)
         losses = theirs(pixel_values, labels, labels_onehot)
