@@ -31,6 +31,9 @@ def main(argv=None):
     parser.add_argument("--num_val", type=positive_int, default=24, help="generated validation frames")
     parser.add_argument("--max_train_steps", type=positive_int, default=900)
     parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--mixed_precision", choices=("no", "bf16"),
+                        help="autocast precision of training and evaluation (default: accelerate's configuration, "
+                             "else no; bf16 on CPUs with bfloat16 instructions and on GPUs)")
     options = parser.parse_args(argv)
     configure_cpu_process()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -48,7 +51,7 @@ def main(argv=None):
         base_size=(256, 128), crop_size=(128, 128), num_workers=1,
         max_train_steps=options.max_train_steps, per_device_train_batch_size=8, learning_rate=0.02,
         seed=options.seed, checkpointing_steps=100, checkpoints_total_limit=1, resume_from_checkpoint="latest",
-        logging_steps=25, eval_steps=300,
+        logging_steps=25, eval_steps=300, mixed_precision=options.mixed_precision,
     )
     metrics = Trainer(args).train()
     minutes = (time.perf_counter() - start) / 60
