@@ -1,5 +1,6 @@
 """Helpers shared by the tests (the session fixtures built with them are in conftest.py)."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -95,7 +96,7 @@ def two_processes_launcher(mixed_precision="no"):
 def start_script(command, env=None, **kwargs):
     """
     Start `command` (a Python script's command line) in its own process group, stdout and stderr in one pipe, one
-    thread per process. PYTHONFAULTHANDLER lets `finish_script` show where a hung run and its workers are.
+    OpenMP thread per process. PYTHONFAULTHANDLER lets `finish_script` show where a hung run and its workers are.
     """
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
@@ -105,17 +106,28 @@ def start_script(command, env=None, **kwargs):
 def finish_script(process, timeout=300):
     """
     The output of a `start_script` process that must succeed within `timeout` seconds. A hung run is stopped with
-    SIGABRT, so each of its Python processes prints its threads' tracebacks into the failure message.
+    SIGABRT, so each of its Python processes prints its threads' tracebacks into the failure message; a test stopped
+    itself (Ctrl-C, a time limit) takes the run's processes with it.
     """
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGABRT)
+        signal_group(process, signal.SIGABRT)
         try:
             output, _ = process.communicate(timeout=30)
-        finally:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        except subprocess.TimeoutExpired:
+            signal_group(process, signal.SIGKILL)
+            output, _ = process.communicate()
+        signal_group(process, signal.SIGKILL)  # what the leader left behind
         pytest.fail(f"{process.args} still running after {timeout} s; its output:\n{output[-8000:]}")
+    except BaseException:
+        signal_group(process, signal.SIGKILL)
+        raise
     assert process.returncode == 0, output[-4000:]
     return output
+
+
+def signal_group(process, signal_number):
+    """Send `signal_number` to the process group of a `start_script` process, if any of it is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal_number)

@@ -356,6 +356,8 @@ def script():
     (["--format", "dynamo", "--example-batch-size", "0"], "argument --example_batch_size: expected a positive"),
     (["--format", "dynamo", "--int8"], "--int8 only applies to --format onnx"),
     (["--format", "onnx", "--int8"], "--int8 needs --calibration_data and --dataset_type"),
+    (["--format", "onnx", "--int8", "--static"], "--int8 needs a dynamic export"),
+    (["--format", "onnx", "--int8", "--check_shapes", "1x40x40"], "--check_shapes does not apply with --int8"),
     (["--format", "onnx", "--calibration_data", "d"], "--calibration_data and --dataset_type only apply with --int8"),
     (["--format", "onnx", "--int8", "--dataset_type", "cityscapes", "--calibration_data", "d", "--min_agreement",
       "1.5"], "--min_agreement is a share of pixels, at most 1"),

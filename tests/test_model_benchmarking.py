@@ -331,3 +331,12 @@ def test_runtime_targets_compare_the_same_precision():
         "pcaa_hf bfloat16 inference at least as fast as openvino bfloat16": ("1.25x - 1.25x its speed", True),
         "int8 inference on ONNX Runtime >= 2x pcaa_hf float32": ("2.50x - 2.50x", True),
     }
+
+
+def test_the_runtimes_need_our_float32_model_to_compare_with(capsys):
+    from pcaa_hf.cli.benchmark import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--sections", "runtimes", "--contenders", "onnxruntime int8"])
+    assert exit_info.value.code == 2
+    assert "--contenders must include 'pcaa_hf float32'" in capsys.readouterr().err

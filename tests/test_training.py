@@ -270,7 +270,7 @@ def test_cuda_bfloat16_training_resumes_from_its_last_checkpoint(generated_data,
     assert "Resumed from" in second and "checkpoint-2" in second
     resumed = load_file(output_dir / "model" / "model.safetensors")
     for name, tensor in uninterrupted.items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=1e-3, atol=1e-5, msg=name)
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-2, atol=1e-3, msg=name)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
@@ -280,6 +280,7 @@ def test_two_cuda_processes_synchronise_batch_norm_under_bfloat16(generated_data
     arguments = training_arguments(generated_data, output_dir, 4, "--per_device_train_batch_size", "2")
     first = finish_script(run_training(arguments, two_processes_launcher("bf16")))
     assert "synchronised across 2 processes (cuda)" in first and "agree across the 2 processes" in first
+    assert "on cuda, mixed precision bf16" in first
     shutil.rmtree(output_dir / "checkpoints" / "checkpoint-4")
     second = finish_script(run_training([*arguments, "--resume_from_checkpoint", "latest"],
                                         two_processes_launcher("bf16")))

@@ -14,6 +14,8 @@ from pcaa_hf.data.transforms import TrainTransform
 from pcaa_hf.evaluation.metrics import EVALUATE_MODULE, mean_iou
 from pcaa_hf.model.image_processing_pcaa import keep_ratio_size
 
+# CPU flags recorded with every figure (/proc/cpuinfo's names).
+CPU_INSTRUCTION_SETS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
 IMAGENET_MEAN = np.array(IMAGENET_DEFAULT_MEAN, dtype=np.float32)
 IMAGENET_STD = np.array(IMAGENET_DEFAULT_STD, dtype=np.float32)
 
@@ -182,13 +184,22 @@ def machine_description(device=None):
     import torch
     import transformers
 
-    model = platform.processor() or "unknown CPU"
+    fields = {}
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
         pass
-    description = {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    model = fields.get("model name") or platform.processor() or "unknown CPU"
+    # The instruction sets that decide which kernels oneDNN and the runtimes pick (the CPU models change).
+    flags = set(fields.get("flags", "").split())
+    instruction_sets = [name for name in CPU_INSTRUCTION_SETS if name in flags]
+    family_model = f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
+    description = {"cpu": model, "cpu_family_model": family_model, "instruction_sets": instruction_sets,
+                   "cores": os.cpu_count(),
+                   "torch_threads": torch.get_num_threads(),
                    "python": platform.python_version(), "torch": torch.__version__,
                    "transformers": transformers.__version__, "numpy": np.__version__,
                    "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}

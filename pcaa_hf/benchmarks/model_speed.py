@@ -9,9 +9,10 @@ state, activations).
 """
 
 import gc
+import io
 import itertools
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from types import SimpleNamespace
@@ -223,7 +224,8 @@ class AuthorsSegModel(torch.nn.Module):
         return {"labels": labels, "labels_onehot": authors_onehot_labels(labels, self.num_labels, torch.float32)}
 
     def parameter_groups(self, learning_rate):
-        return self.get_parameters(self.seg_model, learning_rate)
+        with redirect_stdout(io.StringIO()):  # it prints every parameter it exempts from weight decay
+            return self.get_parameters(self.seg_model, learning_rate)
 
     def forward(self, pixel_values, labels=None, labels_onehot=None):
         if labels is None:

@@ -50,7 +50,7 @@ from pcaa_hf.benchmarks.model_speed import (
 )
 from pcaa_hf.benchmarks.runtimes import CONTENDERS, RUNTIME_PACKAGES, benchmark_runtimes, runtime_target_checks
 from pcaa_hf.cli.arguments import ArgumentParser, positive_int
-from pcaa_hf.data.builders import DATASET_TYPES
+from pcaa_hf.data.builders import FOLDER_LAYOUTS
 from pcaa_hf.data.label_sets import CITYSCAPES_ID_TO_TRAIN_ID
 from pcaa_hf.data.synthetic import street_scene
 from pcaa_hf.model.configuration_pcaa import BACKBONE_DEPTHS
@@ -177,9 +177,9 @@ def runtimes_section(args, results, save):
                   if contender_label(runtime, precision) in args.contenders]
     skipped = {contender: f"needs {', '.join(unavailable[contender[0]])}" for contender in contenders
                if unavailable[contender[0]]}
-    if bfloat16_unsupported(torch.device("cpu")):
-        skipped.update({contender: bfloat16_unsupported(torch.device("cpu")) for contender in contenders
-                        if contender[1] == "bfloat16"})
+    no_bfloat16 = bfloat16_unsupported(torch.device("cpu"))
+    if no_bfloat16:
+        skipped.update({contender: no_bfloat16 for contender in contenders if contender[1] == "bfloat16"})
     contenders = [contender for contender in contenders if contender not in skipped]
     for contender, reason in skipped.items():
         print(f"  {contender_label(*contender)} skipped: {reason}")
@@ -187,21 +187,22 @@ def runtimes_section(args, results, save):
         models = {args.weights: PCAAForSemanticSegmentation.from_pretrained(args.weights)}
     else:
         models = {f"paper R{depth}, random weights": paper_model(depth) for depth in args.depths}
+    images = []
+    if args.calibration_data:
+        processor = PCAAImageProcessor.from_pretrained(args.weights) if args.weights else PCAAImageProcessor()
+        images = dataset_images(args.dataset_type, args.calibration_data, "train", args.calibration_images, processor)
     rows = results.setdefault("runtimes", [])
     print(f"Deployment runtimes on the CPU ({args.calls} timed calls each, the fastest kept; agreement: share of "
           "pixels with our float32 model's class):")
     print(f"  {'model':<34}{'input':>14}  {'runtime':<22}{'img/s':>8}{'vs ours fp32':>14}{'agreement':>11}")
     for name, model in models.items():
-        images = []
-        if args.calibration_data:
-            processor = PCAAImageProcessor.from_pretrained(args.weights) if args.weights else PCAAImageProcessor()
-            images = dataset_images(args.dataset_type, args.calibration_data, "train", args.calibration_images,
-                                    processor)
         for size in args.sizes:
             for batch_size in args.batch_sizes:
-                # The training images at the exports' static input shape.
-                calibration = [F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False).expand(
-                    batch_size, -1, -1, -1) for image in images] or None
+                # The training images at the exports' static input shape, batch_size of them per batch.
+                resized = [F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+                           for image in images]
+                calibration = [torch.cat([resized[(start + offset) % len(resized)] for offset in range(batch_size)])
+                               for start in range(0, len(resized), batch_size)] or None
                 measured = benchmark_runtimes(model, size, batch_size, contenders, calibration, calls=args.calls)
                 for row in measured:
                     row.update(model=name, depth=model.config.backbone_depth)
@@ -272,7 +273,7 @@ def main(argv=None):
     runtimes.add_argument("--contenders", nargs="+", choices=labels, default=labels,
                           help="what runs the model (default: all; those whose package is missing are skipped)")
     runtimes.add_argument("--calibration_data", help="a data set folder whose training images calibrate int8")
-    runtimes.add_argument("--dataset_type", choices=DATASET_TYPES[:2], default="cityscapes",
+    runtimes.add_argument("--dataset_type", choices=FOLDER_LAYOUTS, default="cityscapes",
                           help="the layout of --calibration_data")
     runtimes.add_argument("--calibration_images", type=positive_int, default=8)
     slide = parser.add_argument_group("slide section")
@@ -288,6 +289,8 @@ def main(argv=None):
     args.cpu_fast_path = [SWITCH[value] for value in args.cpu_fast_path]
     args.checkpointing = [SWITCH[value] for value in args.checkpointing]
     args.compile = [SWITCH[value] for value in args.compile]
+    if "runtimes" in args.sections and contender_label("pcaa_hf", "float32") not in args.contenders:
+        parser.error("--contenders must include 'pcaa_hf float32', which every runtime is compared with")
     if args.original and not (args.original / "networks" / "caanet.py").is_file():
         parser.error(f"--original {args.original}: not a checkout of lsa1997/PCAA (networks/caanet.py is missing)")
     try:

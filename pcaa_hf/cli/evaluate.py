@@ -114,14 +114,15 @@ def main(argv=None):
     args = parse_args(argv)
     configure_cpu_process()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    exported = is_export_folder(args.model)
+    if exported and args.mixed_precision not in (None, "no"):
+        raise ValueError(f"--model {args.model} is an export, which runs in its own precision: leave out "
+                         "--mixed_precision.")
+    # An export runs on the CPU (its runtime's), whatever devices the machine has.
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=exported)
     check_mixed_precision(accelerator)
     inference = SegmentationInference(args.mode, tuple(args.crop_size), args.stride and tuple(args.stride),
                                       tuple(args.scales), args.flip, args.window_batch_size)
-    exported = is_export_folder(args.model)
-    if exported and (accelerator.mixed_precision != "no" or accelerator.device.type != "cpu"):
-        raise ValueError(f"--model {args.model} is an export, which runs in its own precision on the CPU: leave out "
-                         "--mixed_precision and run on a CPU.")
     if exported:
         model = load_exported(args.model, trust_remote_code=args.trust_remote_code)
     else:

@@ -37,7 +37,7 @@ from pcaa_hf.cli.arguments import (
     positive_int,
     reports_errors,
 )
-from pcaa_hf.data.builders import DATASET_TYPES
+from pcaa_hf.data.builders import FOLDER_LAYOUTS
 from pcaa_hf.inference.model_folders import load_saved_image_processor
 from pcaa_hf.publishing.exporting import (
     DEFAULT_EXAMPLE_SIZE,
@@ -80,7 +80,7 @@ def parse_args(argv=None):
                            "uint8 activations calibrated on training images)")
     int8.add_argument("--calibration_data", help="the data set folder whose train split calibrates, whose "
                                                  "validation split checks the int8 model")
-    int8.add_argument("--dataset_type", choices=DATASET_TYPES[:2], help="the layout of --calibration_data")
+    int8.add_argument("--dataset_type", choices=FOLDER_LAYOUTS, help="the layout of --calibration_data")
     int8.add_argument("--calibration_images", type=positive_int, default=8,
                       help="training images that calibrate the activations' ranges (default: 8)")
     int8.add_argument("--check_images", type=positive_int, default=4,
@@ -93,6 +93,11 @@ def parse_args(argv=None):
         parser.error("--opset_version only applies to --format onnx")
     if args.int8 and args.format != "onnx":
         parser.error("--int8 only applies to --format onnx")
+    if args.int8 and not args.dynamic:
+        parser.error("--int8 needs a dynamic export: it is calibrated and checked on images of their own sizes")
+    if args.int8 and args.check_shapes:
+        parser.error("--check_shapes does not apply with --int8, which is checked on --check_images validation "
+                     "images")
     if args.int8 and not (args.calibration_data and args.dataset_type):
         parser.error("--int8 needs --calibration_data and --dataset_type: the activations are calibrated on images")
     if not args.int8 and (args.calibration_data or args.dataset_type):
@@ -118,7 +123,7 @@ def main(argv=None):
         options.update(quantizer=int8_quantizer(calibration),
                        check_inputs=dataset_images(args.dataset_type, args.calibration_data, "validation",
                                                    args.check_images, processor),
-                       min_agreement=args.min_agreement, check_shapes=args.check_shapes or [])
+                       min_agreement=args.min_agreement, check_shapes=[])
     else:
         options["check_shapes"] = args.check_shapes
     with warnings.catch_warnings():

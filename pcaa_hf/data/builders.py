@@ -39,7 +39,9 @@ LAYOUT_FOLDERS = {"cityscapes": ("leftImg8bit", "gtFine"), "ade20k": ("images", 
 # Label column types that `datasets.Image()` can be cast from: images, or paths / encoded bytes of image files.
 IMAGE_STORAGE_TYPES = ("string", "large_string", "binary", "large_binary")
 # How a data set is given: the Cityscapes or ADE20K folder layout, or anything `load_segmentation_dataset` reads.
-DATASET_TYPES = ("cityscapes", "ade20k", "datasets")
+# The data set folders with a layout of their own (built by this module), and every type `open_dataset` opens.
+FOLDER_LAYOUTS = ("cityscapes", "ade20k")
+DATASET_TYPES = (*FOLDER_LAYOUTS, "datasets")
 
 
 class InvalidSampleError(ValueError):

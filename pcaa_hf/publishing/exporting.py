@@ -40,6 +40,8 @@ DEFAULT_EXAMPLE_SIZE = (256, 256)
 # about 0.6 in the tests), and openvino 2026.4 does not apply the float32 precision that transformers records in the
 # exported model: float32 exports run with this compile property unless the caller passes another.
 OPENVINO_FLOAT32 = {"INFERENCE_PRECISION_HINT": "f32"}
+# What every export folder holds (transformers writes it): what was traced, how.
+EXPORT_MANIFEST = "export.json"
 
 
 def check_format(format):
@@ -113,8 +115,8 @@ def export_model(model, format="onnx", dynamic=True, example_size=DEFAULT_EXAMPL
 
 
 def is_export_folder(folder):
-    """Whether `folder` holds an export (its export.json), rather than a model folder."""
-    return (Path(folder) / "export.json").is_file()
+    """Whether `folder` holds an export (its EXPORT_MANIFEST), rather than a model folder."""
+    return (Path(folder) / EXPORT_MANIFEST).is_file()
 
 
 def load_exported(folder, device=None, trust_remote_code=False, **runner_kwargs):
@@ -124,9 +126,9 @@ def load_exported(folder, device=None, trust_remote_code=False, **runner_kwargs)
     runs in float32 (`OPENVINO_FLOAT32`) unless `runner_kwargs` has a `config` of its own.
     """
     folder = Path(folder)
-    manifest_file = folder / "export.json"
+    manifest_file = folder / EXPORT_MANIFEST
     if not manifest_file.is_file():
-        raise FileNotFoundError(f"`folder` {folder} holds no export (no export.json).")
+        raise FileNotFoundError(f"`folder` {folder} holds no export (no {EXPORT_MANIFEST}).")
     manifest = json.loads(manifest_file.read_text())
     check_format(manifest["export_format"])
     from transformers.exporters import ExportedModel
@@ -183,6 +185,8 @@ def dataset_images(dataset_type, data, split, count, processor):
     `processor` as evaluation prepares them: a list of (1, 3, H, W) `pixel_values`, for calibration and checks.
     """
     examples = select_split(open_dataset(dataset_type, data), split, data, count)
+    if not len(examples):
+        raise ValueError(f"{data} has no images in its '{split}' split.")
     examples = examples.with_transform(EvalTransform(image_processor=processor))
     return [torch.as_tensor(example["pixel_values"])[None] for example in examples]
 
@@ -201,7 +205,7 @@ def int8_quantizer(calibration_images, per_channel=True):
 
     calibration = [{"pixel_values": pixel_values} for pixel_values in calibration_images]
     if not calibration:
-        raise ValueError("int8 quantization needs at least one calibration batch.")
+        raise ValueError("int8 quantization needs at least one calibration image (`calibration_images` is empty).")
     config = OnnxRuntimeStaticConfig(quant_format=QuantFormat.QDQ, per_channel=per_channel,
                                      activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return OnnxRuntimeQuantizer(config, calibration_dataset=calibration)
@@ -289,6 +293,7 @@ def export_to_folder(model, output_dir, format="onnx", dynamic=True, example_siz
 __all__ = [
     "DEFAULT_EXAMPLE_SIZE",
     "EXPORT_FORMATS",
+    "EXPORT_MANIFEST",
     "ExportCheck",
     "ExportReport",
     "check_format",

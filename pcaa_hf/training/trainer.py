@@ -390,7 +390,8 @@ class Trainer:
                                upload[0], self.publisher.repo_id)
         # A gloo worker thread frees each finished collective's tensors, which needs the GIL; a process group torn
         # down before it could (at end_training, or when the DDP model that still holds the group is freed) joins
-        # that thread while holding the GIL, and the process hangs for good. The barrier lets it finish first.
+        # that thread while holding the GIL, and the process hangs for good. Waiting in the barrier releases the GIL
+        # while the other processes catch up, which gives the worker its chance: it narrows the race, torch's to close.
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return metrics

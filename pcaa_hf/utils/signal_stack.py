@@ -10,8 +10,11 @@ each compilation keeps the thread on its own stack: every plugin then finds, and
 """
 
 import ctypes
+import logging
 import platform
 from contextlib import contextmanager
+
+logger = logging.getLogger(__name__)
 
 
 class _StackT(ctypes.Structure):
@@ -20,21 +23,21 @@ class _StackT(ctypes.Structure):
     _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
 
 
-def _sigaltstack():
+def _read():
+    """The `sigaltstack` function and the calling thread's stack (a `_StackT`), or (None, None) where unreadable."""
     if platform.system() != "Linux":
-        return None
-    return getattr(ctypes.CDLL(None, use_errno=True), "sigaltstack", None)
+        return None, None
+    sigaltstack = getattr(ctypes.CDLL(None, use_errno=True), "sigaltstack", None)
+    stack = _StackT()
+    if sigaltstack is None or sigaltstack(None, ctypes.byref(stack)) != 0:
+        return None, None
+    return sigaltstack, stack
 
 
 def current_signal_stack():
     """(address, size, flags) of the calling thread's alternate signal stack, or None where it cannot be read."""
-    sigaltstack = _sigaltstack()
-    if sigaltstack is None:
-        return None
-    stack = _StackT()
-    if sigaltstack(None, ctypes.byref(stack)) != 0:
-        return None
-    return stack.ss_sp, stack.ss_size, stack.ss_flags
+    _, stack = _read()
+    return None if stack is None else (stack.ss_sp, stack.ss_size, stack.ss_flags)
 
 
 @contextmanager
@@ -43,15 +46,13 @@ def keep_signal_stack():
     Reinstall the calling thread's alternate signal stack when the block ends (see the module's docstring); does
     nothing where the stack cannot be read (not Linux).
     """
-    sigaltstack = _sigaltstack()
-    saved = _StackT()
-    if sigaltstack is None or sigaltstack(None, ctypes.byref(saved)) != 0:
-        yield
-        return
+    sigaltstack, saved = _read()
     try:
         yield
     finally:
-        sigaltstack(ctypes.byref(saved), None)
+        if sigaltstack is not None and sigaltstack(ctypes.byref(saved), None) != 0:
+            logger.warning("Could not reinstall this thread's alternate signal stack (errno %d): a signal handled "
+                           "on it later may end the process.", ctypes.get_errno())
 
 
 __all__ = ["current_signal_stack", "keep_signal_stack"]
