@@ -280,7 +280,7 @@ from pcaa_hf.publishing.exporting import load_exported
 from pcaa_hf.utils.signal_stack import current_signal_stack
 signal.signal(signal.SIGCHLD, lambda *args: None)  # a Python handler, as DataLoader workers install
 before = current_signal_stack()
-first, second = load_exported(sys.argv[1]), load_exported(sys.argv[1], config={"INFERENCE_PRECISION_HINT": "bf16"})
+first, second = load_exported(sys.argv[1]), load_exported(sys.argv[1])  # an openvino.Core each
 for exported in (first, second):
     exported(pixel_values=__import__("torch").randn(1, 3, 40, 40))
 del first
