@@ -93,14 +93,15 @@ def two_processes_launcher(mixed_precision="no"):
             "--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--main_process_port", str(port))
 
 
-def start_script(command, env=None, **kwargs):
+def start_script(command, env=None, stdout=subprocess.PIPE):
     """
-    Start `command` (a Python script's command line) in its own process group, stdout and stderr in one pipe, one
-    OpenMP thread per process. PYTHONFAULTHANDLER lets `finish_script` show where a hung run and its workers are.
+    Start `command` (a Python script's command line) in its own process group, stdout and stderr together in
+    `stdout` (one pipe, or DEVNULL for a run that is killed unread), one OpenMP thread per process. PYTHONFAULTHANDLER
+    lets `finish_script` show where a hung run and its workers are.
     """
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
-                            start_new_session=True, **kwargs)
+    return subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, text=True, env=environment,
+                            start_new_session=True)
 
 
 def finish_script(process, timeout=300):

@@ -334,7 +334,7 @@ def test_an_int8_export_below_the_agreement_writes_nothing(model_folder, citysca
     from pcaa_hf.publishing.exporting import dataset_images, int8_quantizer
 
     processor = PCAAImageProcessor()
-    images = dataset_images("cityscapes", cityscapes_tree, "validation", 1, processor)
+    images = dataset_images("cityscapes", cityscapes_tree, processor, validation=1)["validation"]
     with pytest.raises(ValueError, match="gives the eager model's class on less than 100.1 % of the pixels"):
         export_to_folder(model_folder, tmp_path / "int8", "onnx", dynamic=False, example_size=images[0].shape[-2:],
                          quantizer=int8_quantizer(images), check_shapes=[], check_inputs=images, min_agreement=1.001)

@@ -207,8 +207,8 @@ def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(gene
     finish_script(reference)
     assert not (interrupted / "model").exists()
 
-    output = finish_script(run_training(training_arguments(generated_data, interrupted, 8, "--resume_from_checkpoint",
-                                                    "latest")))
+    output = finish_script(run_training(training_arguments(generated_data, interrupted, 8,
+                                                           "--resume_from_checkpoint", "latest")))
     assert "Resumed from" in output
     expected = load_file(uninterrupted / "model" / "model.safetensors")
     resumed = load_file(interrupted / "model" / "model.safetensors")

@@ -25,7 +25,7 @@ from pcaa_hf.training.checkpoints import checkpoint_problems
 from pcaa_hf.training.trainer import Trainer, TrainingDivergedError
 from pcaa_hf.utils.atomic_folders import write_manifest
 from pcaa_hf.utils.folder_lock import FolderInUseError
-from pcaa_testing import two_processes_launcher
+from pcaa_testing import finish_script, start_script, two_processes_launcher
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 STEPS = 4  # two checkpoints, at steps 2 and 4
@@ -436,16 +436,13 @@ def test_killed_at_random_moments_the_run_resumes_to_the_weights_of_an_uninterru
     weights and best model.
     """
     kills = int(os.environ.get("PCAA_FAULT_INJECTION_KILLS", "4"))
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def start(output, *extra, stdout=subprocess.PIPE):
         command = [sys.executable, str(SCRIPT), *command_line(data, output, max_train_steps=8, checkpointing_steps=1,
                                                               eval_steps=3), *extra]
-        return subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, text=True, env=environment)
+        return start_script(command, stdout=stdout)
 
-    reference = start(tmp_path / "reference")
-    output, _ = reference.communicate(timeout=600)
-    assert reference.returncode == 0, output[-3000:]
+    finish_script(start(tmp_path / "reference"), timeout=600)
     rng = random.Random(18)
     run, moments = tmp_path / "killed", []
     for attempt in range(3 * kills):
@@ -464,9 +461,7 @@ def test_killed_at_random_moments_the_run_resumes_to_the_weights_of_an_uninterru
             process.wait()
             moments.append(where_killed(run, started))
     assert len(moments) == kills, f"only {len(moments)} kills landed before the run ended"
-    last = start(run, "--resume_from_checkpoint", "latest")
-    output, _ = last.communicate(timeout=600)
-    assert last.returncode == 0, output[-3000:]
+    finish_script(start(run, "--resume_from_checkpoint", "latest"), timeout=600)
     print(f"{kills} kills:", {moment: moments.count(moment) for moment in sorted(set(moments))})
     assert_same_weights(run / "model", tmp_path / "reference" / "model")
     assert_same_weights(run / "best", tmp_path / "reference" / "best")

@@ -17,6 +17,7 @@ import torch
 from pcaa_hf.publishing.exporting import (
     OPENVINO_FLOAT32,
     REQUIRED_PACKAGES,
+    argmax_agreement,
     export_model,
     export_to_folder,
     int8_quantizer,
@@ -56,11 +57,10 @@ def runtime_contenders(model, size, batch_size, workdir, calibration_images, con
             functions[runtime, precision] = eager_forward(model, bfloat16=precision == "bfloat16")
     static = dict(dynamic=False, example_size=(size, size), batch_size=batch_size)
     if ("onnxruntime", "float32") in contenders:
-        exported = export_model(model, "onnx", **static)
-        functions["onnxruntime", "float32"] = lambda pixel_values: exported(pixel_values=pixel_values).logits
+        functions["onnxruntime", "float32"] = exported_logits(export_model(model, "onnx", **static))
     if ("onnxruntime", "int8") in contenders:
         quantized = export_model(model, "onnx", quantizer=int8_quantizer(calibration_images), **static)
-        functions["onnxruntime", "int8"] = lambda pixel_values: quantized(pixel_values=pixel_values).logits
+        functions["onnxruntime", "int8"] = exported_logits(quantized)
     openvino = [precision for runtime, precision in contenders if runtime == "openvino"]
     if openvino:
         folder = Path(workdir) / "openvino"
@@ -68,10 +68,13 @@ def runtime_contenders(model, size, batch_size, workdir, calibration_images, con
                          overwrite=True, **static)
         for precision in openvino:
             config = OPENVINO_FLOAT32 if precision == "float32" else OPENVINO_BFLOAT16
-            runner = load_exported(folder, config=dict(config))
-            functions["openvino", precision] = lambda pixel_values, runner=runner: runner(
-                pixel_values=pixel_values).logits
+            functions["openvino", precision] = exported_logits(load_exported(folder, config=dict(config)))
     return functions
+
+
+def exported_logits(exported):
+    """An export's logits, called as `eager_forward`'s function is."""
+    return lambda pixel_values: exported(pixel_values=pixel_values).logits
 
 
 def benchmark_runtimes(model, size, batch_size, contenders, calibration_images=None, calls=3, seed=0):
@@ -94,7 +97,7 @@ def benchmark_runtimes(model, size, batch_size, contenders, calibration_images=N
             rows[runtime, precision] = {
                 "runtime": runtime, "precision": precision, "size": size, "batch_size": batch_size,
                 "seconds": math.inf, "max_abs_difference": (logits - reference).abs().max().item(),
-                "argmax_agreement": (logits.argmax(1) == reference.argmax(1)).double().mean().item()}
+                "argmax_agreement": argmax_agreement(logits, reference)}
         for _ in range(calls):
             for key, function in functions.items():
                 rows[key]["seconds"] = min(rows[key]["seconds"], best_seconds(partial(function, pixel_values), 1))

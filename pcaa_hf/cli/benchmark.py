@@ -190,17 +190,18 @@ def runtimes_section(args, results, save):
     images = []
     if args.calibration_data:
         processor = PCAAImageProcessor.from_pretrained(args.weights) if args.weights else PCAAImageProcessor()
-        images = dataset_images(args.dataset_type, args.calibration_data, "train", args.calibration_images, processor)
+        images = dataset_images(args.dataset_type, args.calibration_data, processor,
+                                train=args.calibration_images)["train"]
     rows = results.setdefault("runtimes", [])
     print(f"Deployment runtimes on the CPU ({args.calls} timed calls each, the fastest kept; agreement: share of "
           "pixels with our float32 model's class):")
     print(f"  {'model':<34}{'input':>14}  {'runtime':<22}{'img/s':>8}{'vs ours fp32':>14}{'agreement':>11}")
     for name, model in models.items():
         for size in args.sizes:
+            # The training images at the exports' static input shape, batch_size of them per batch.
+            resized = [F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+                       for image in images]
             for batch_size in args.batch_sizes:
-                # The training images at the exports' static input shape, batch_size of them per batch.
-                resized = [F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
-                           for image in images]
                 calibration = [torch.cat([resized[(start + offset) % len(resized)] for offset in range(batch_size)])
                                for start in range(0, len(resized), batch_size)] or None
                 measured = benchmark_runtimes(model, size, batch_size, contenders, calibration, calls=args.calls)

@@ -118,11 +118,9 @@ def main(argv=None):
     options = {} if args.opset_version is None else {"opset_version": args.opset_version}
     if args.int8:
         processor = load_saved_image_processor(args.model)
-        calibration = dataset_images(args.dataset_type, args.calibration_data, "train", args.calibration_images,
-                                     processor)
-        options.update(quantizer=int8_quantizer(calibration),
-                       check_inputs=dataset_images(args.dataset_type, args.calibration_data, "validation",
-                                                   args.check_images, processor),
+        images = dataset_images(args.dataset_type, args.calibration_data, processor, train=args.calibration_images,
+                                validation=args.check_images)
+        options.update(quantizer=int8_quantizer(images["train"]), check_inputs=images["validation"],
                        min_agreement=args.min_agreement, check_shapes=[])
     else:
         options["check_shapes"] = args.check_shapes

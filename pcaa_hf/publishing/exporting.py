@@ -126,10 +126,9 @@ def load_exported(folder, device=None, trust_remote_code=False, **runner_kwargs)
     runs in float32 (`OPENVINO_FLOAT32`) unless `runner_kwargs` has a `config` of its own.
     """
     folder = Path(folder)
-    manifest_file = folder / EXPORT_MANIFEST
-    if not manifest_file.is_file():
+    if not is_export_folder(folder):
         raise FileNotFoundError(f"`folder` {folder} holds no export (no {EXPORT_MANIFEST}).")
-    manifest = json.loads(manifest_file.read_text())
+    manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
     check_format(manifest["export_format"])
     from transformers.exporters import ExportedModel
 
@@ -173,22 +172,31 @@ def compare_with_eager(model, exported, shapes=(), seed=1, inputs=()):
         pairs = [(actual.logits, expected.logits)]
         pairs += list(zip(actual.region_class_scores, expected.region_class_scores))
         difference = max((a.float() - e.float()).abs().max().item() for a, e in pairs)
-        agreement = (actual.logits.argmax(1) == expected.logits.argmax(1)).double().mean().item()
         checks.append(ExportCheck(tuple(pixel_values.shape), difference, expected.logits.abs().max().item(),
-                                  agreement))
+                                  argmax_agreement(actual.logits, expected.logits)))
     return checks
 
 
-def dataset_images(dataset_type, data, split, count, processor):
+def argmax_agreement(logits, reference):
+    """The share of pixels of (B, K, H, W) `logits` whose class (argmax over K) is that of `reference`."""
+    return (logits.argmax(1) == reference.argmax(1)).double().mean().item()
+
+
+def dataset_images(dataset_type, data, processor, **counts):
     """
-    The first `count` images of `split` of a data set (`pcaa_hf.data.builders.open_dataset`'s types), prepared by
-    `processor` as evaluation prepares them: a list of (1, 3, H, W) `pixel_values`, for calibration and checks.
+    The first images of splits of a data set (`pcaa_hf.data.builders.open_dataset`'s types), prepared by `processor`
+    as evaluation prepares them, for calibration and checks: `counts` maps a split to how many (`train=8,
+    validation=4`); returns {split: a list of (1, 3, H, W) `pixel_values`}. The data set is opened once.
     """
-    examples = select_split(open_dataset(dataset_type, data), split, data, count)
-    if not len(examples):
-        raise ValueError(f"{data} has no images in its '{split}' split.")
-    examples = examples.with_transform(EvalTransform(image_processor=processor))
-    return [torch.as_tensor(example["pixel_values"])[None] for example in examples]
+    splits = open_dataset(dataset_type, data)
+    images = {}
+    for split, count in counts.items():
+        examples = select_split(splits, split, data, count)
+        if not len(examples):
+            raise ValueError(f"{data} has no images in its '{split}' split.")
+        examples = examples.with_transform(EvalTransform(image_processor=processor))
+        images[split] = [torch.as_tensor(example["pixel_values"])[None] for example in examples]
+    return images
 
 
 def int8_quantizer(calibration_images, per_channel=True):
@@ -296,6 +304,7 @@ __all__ = [
     "EXPORT_MANIFEST",
     "ExportCheck",
     "ExportReport",
+    "argmax_agreement",
     "check_format",
     "compare_with_eager",
     "dataset_images",
