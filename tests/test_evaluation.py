@@ -2,7 +2,6 @@
 own size, the same figures from one process or two (`accelerate launch`), and the PNG outputs."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pcaa_hf.evaluation.prediction_files import PredictionWriter, prediction_nam
 from pcaa_hf.evaluation.scoring import evaluate_segmentation, process_share, results_table
 from pcaa_hf.inference.segmentation_inference import SegmentationInference
 from pcaa_hf.inference.visualisation import palette_for
-from pcaa_testing import randomise_weights, small_config, two_processes_launcher
+from pcaa_testing import finish_script, randomise_weights, small_config, start_script, two_processes_launcher
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
 
@@ -156,8 +155,7 @@ def test_evaluate_script_under_accelerate_two_processes(cityscapes_run):
     arguments = [argument.replace("_", "-") if argument.startswith("--") else argument
                  for argument in script_arguments(cityscapes_run, double)]
     assert "--output-dir" in arguments
-    result = run_script(arguments, launcher, {**os.environ, "ACCELERATE_USE_CPU": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    finish_script(start_script([sys.executable, *launcher, str(SCRIPT), *arguments], {"ACCELERATE_USE_CPU": "1"}))
     one, two = (json.loads((folder / "results.json").read_text()) for folder in (single, double))
     assert two["processes"] == 2 and two["num_images"] == 5
     for key in ("mean_iou", "mean_accuracy", "overall_accuracy", "mean_iou_absent_as_zero", "per_category_iou"):

@@ -44,7 +44,7 @@ from pcaa_hf.inference.model_folders import load_saved_image_processor, load_sav
 from pcaa_hf.inference.segmentation_inference import MODES, SegmentationInference
 from pcaa_hf.publishing.exporting import is_export_folder, load_exported
 from pcaa_hf.utils.atomic_folders import write_json_atomically
-from pcaa_hf.utils.process_settings import check_mixed_precision, configure_cpu_process
+from pcaa_hf.utils.process_settings import check_mixed_precision, configure_cpu_process, end_processes
 
 logger = logging.getLogger("evaluate")
 
@@ -163,6 +163,7 @@ def main(argv=None):
         write_json_atomically(args.output_dir / "results.json", results)
         print(results_table(metrics, split_labels))
         print(f"{metrics['num_images']} images in {seconds:.1f} s; results in {args.output_dir / 'results.json'}")
+    end_processes(accelerator)
     return 0
 
 

@@ -58,7 +58,7 @@ from pcaa_hf.utils.atomic_folders import (
     write_manifest,
 )
 from pcaa_hf.utils.folder_lock import FolderLock
-from pcaa_hf.utils.process_settings import check_mixed_precision
+from pcaa_hf.utils.process_settings import check_mixed_precision, end_processes
 from pcaa_hf.utils.tensor_checks import non_finite_tensors
 
 from .arguments import TrainingArguments
@@ -388,12 +388,7 @@ class Trainer:
             for upload in self.publisher.retry_pending():
                 logger.warning("Still could not upload %s to %s; upload it later with `huggingface-cli upload`.",
                                upload[0], self.publisher.repo_id)
-        # A gloo worker thread frees each finished collective's tensors, which needs the GIL; a process group torn
-        # down before it could (at end_training, or when the DDP model that still holds the group is freed) joins
-        # that thread while holding the GIL, and the process hangs for good. Waiting in the barrier releases the GIL
-        # while the other processes catch up, which gives the worker its chance: it narrows the race, torch's to close.
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
+        end_processes(accelerator)
         return metrics
 
     def run_steps(self):

@@ -1,6 +1,6 @@
 """
 Process-wide memory settings for large CPU tensors, applied by the command-line tools (never by the library), and the
-check of a run's mixed precision against its device, shared by training and evaluation.
+check of a run's mixed precision against its device and the end of its processes, shared by training and evaluation.
 """
 
 import ctypes
@@ -54,4 +54,16 @@ def check_mixed_precision(accelerator):
                          "or no.")
 
 
-__all__ = ["check_mixed_precision", "configure_cpu_process", "reuse_freed_cpu_memory"]
+def end_processes(accelerator):
+    """
+    Wait for every process, then end the run's trackers and process group. A gloo worker thread frees each finished
+    collective's tensors, which needs the GIL; a process group torn down before it could (at `end_training`, or at
+    exit) joins that thread while holding the GIL, and the process hangs or aborts. Waiting in the barrier releases
+    the GIL while the other processes catch up, which gives the worker its chance: it narrows the race, torch's to
+    close.
+    """
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+__all__ = ["check_mixed_precision", "configure_cpu_process", "end_processes", "reuse_freed_cpu_memory"]
