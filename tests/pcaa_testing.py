@@ -1,11 +1,14 @@
 """Helpers shared by the tests (the session fixtures built with them are in conftest.py)."""
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -132,3 +135,58 @@ def signal_group(process, signal_number):
     """Send `signal_number` to the process group of a `start_script` process, if any of it is left."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal_number)
+
+
+# Loads a saved folder (argv[1]) with transformers alone, pcaa_hf blocked, and runs it and the image-segmentation
+# pipeline on an image (argv[2]); prints a JSON report.
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, json, logging, sys
+    import numpy as np, PIL.Image, torch
+
+    class BlockPCAA(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "pcaa_hf" or name.startswith("pcaa_hf."):
+                raise ImportError("pcaa_hf is blocked in this process")
+
+    sys.meta_path.insert(0, BlockPCAA())
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+
+    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
+
+    folder, image_path = sys.argv[1], sys.argv[2]
+    try:
+        import pcaa_hf  # noqa: F401
+        blocked = False
+    except ImportError:
+        blocked = True
+    model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True)
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    image = PIL.Image.open(image_path)
+    with torch.no_grad():
+        logits = model(**processor(image, return_tensors="pt")).logits
+    segmenter = pipeline("image-segmentation", model=folder, trust_remote_code=True)
+    result = segmenter(image)
+    print(json.dumps({
+        "blocked": blocked,
+        "model_module": type(model).__module__,
+        "processor_module": type(processor).__module__,
+        "logits": logits.flatten().tolist(),
+        "masks": {entry["label"]: np.array(entry["mask"]).tolist() for entry in result},
+        "not_supported": [m for m in messages if "not supported" in m],
+    }))
+    """
+)
+
+
+def run_without_the_package(folder, image_path, workdir):
+    """The JSON report of REMOTE_SCRIPT run on `folder` and `image_path` in a fresh process, offline."""
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(Path(workdir) / "modules"),
+                       HF_HUB_DISABLE_PROGRESS_BARS="1")
+    completed = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(folder), str(image_path)],
+                               capture_output=True, text=True, env=environment, cwd=workdir, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout.strip().splitlines()[-1])

@@ -28,6 +28,14 @@ def test_logits_region_scores_and_losses_match_the_authors_code():
     assert {row.configuration for row in rows} == set(CONFIGURATIONS)
     assert {"logits", "region_class_scores[0]", "segmentation_loss", "region_loss", "loss"} <= {
         row.output for row in rows}
+    # Every baseline: its logits and loss, with and without its auxiliary head.
+    baselines = {row.configuration: set() for row in rows if "model" in CONFIGURATIONS[row.configuration]}
+    for row in rows:
+        if row.configuration in baselines:
+            baselines[row.configuration].add(row.output)
+    assert len(baselines) == 8 and all({"logits", "segmentation_loss", "loss"} <= outputs
+                                       for outputs in baselines.values())
+    assert sum("auxiliary_loss" in outputs for outputs in baselines.values()) == 5  # 4 with --aux-loss, 1 ocrnet
     assert not [row for row in rows if row.failed], check.summary(rows)
     assert all(row.our_rounding is None for row in rows)  # float64: errors against each other only
     assert check.summary(rows).startswith("PASS: largest relative error")
@@ -68,3 +76,25 @@ def test_the_benchmark_times_the_authors_training_step_of_the_same_model():
     assert theirs["implementation"] == "authors" and theirs["seconds"] > 0
     assert theirs["flops"] == pytest.approx(ours["flops"], rel=0.02)
     assert theirs["peak_memory_bytes"] == pytest.approx(ours["peak_memory_bytes"], rel=0.1)
+
+
+@needs_the_authors_code
+def test_the_recorded_key_names_of_the_authors_heads_are_theirs():
+    """tests/fixtures/authors_head_keys.json, which the converter's tests use, is what their code builds."""
+    import json
+
+    from pcaa_hf.conversion.original_checkpoints import ORIGINAL_MODELS, import_original
+
+    *networks, _ = import_original(ORIGINAL, (*(f"networks.{model}" for model in ORIGINAL_MODELS), "loss.criterion"))
+    recorded = json.loads((Path(__file__).parent / "fixtures" / "authors_head_keys.json").read_text())
+    built = {}
+    for model, network in zip(ORIGINAL_MODELS, networks):
+        for dropout in (False, True):
+            for auxiliary in (True, False):
+                with torch.device("meta"):
+                    seg_model = network.Seg_Model(num_classes=19, backbone="resnet50", aux_loss=auxiliary,
+                                                  dropout=dropout, **({"bins": [(4, 4)]} if model == "caanet" else {}))
+                built[f"{model} dropout={dropout} aux={auxiliary}"] = {
+                    key: list(value.shape) for key, value in seg_model.state_dict().items()
+                    if not key.startswith("backbone.")}
+    assert built == recorded

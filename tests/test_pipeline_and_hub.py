@@ -1,9 +1,5 @@
 import json
 import logging
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +15,7 @@ from transformers.utils import logging as transformers_logging
 
 from pcaa_hf import PCAAForSemanticSegmentation, PCAAImageProcessor, PCAASegmentationPipeline
 from pcaa_hf.model import REMOTE_CODE_FILES
-from pcaa_testing import SMALL_PCAA_LABELS, small_config, small_labelled_model
+from pcaa_testing import SMALL_PCAA_LABELS, run_without_the_package, small_config, small_labelled_model
 
 NAMES = list(SMALL_PCAA_LABELS)
 
@@ -140,58 +136,10 @@ def test_saved_folder_carries_code_and_auto_map(small_pcaa_folder):
     assert type(AutoModelForSemanticSegmentation.from_pretrained(small_pcaa_folder)) is PCAAForSemanticSegmentation
 
 
-REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import importlib.abc, json, logging, sys
-    import numpy as np, PIL.Image, torch
-
-    class BlockPCAA(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name == "pcaa_hf" or name.startswith("pcaa_hf."):
-                raise ImportError("pcaa_hf is blocked in this process")
-
-    sys.meta_path.insert(0, BlockPCAA())
-    messages = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger("transformers").addHandler(handler)
-
-    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
-
-    folder, image_path = sys.argv[1], sys.argv[2]
-    try:
-        import pcaa_hf  # noqa: F401
-        blocked = False
-    except ImportError:
-        blocked = True
-    model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True)
-    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
-    image = PIL.Image.open(image_path)
-    with torch.no_grad():
-        logits = model(**processor(image, return_tensors="pt")).logits
-    segmenter = pipeline("image-segmentation", model=folder, trust_remote_code=True)
-    result = segmenter(image)
-    print(json.dumps({
-        "blocked": blocked,
-        "model_module": type(model).__module__,
-        "processor_module": type(processor).__module__,
-        "logits": logits.flatten().tolist(),
-        "masks": {entry["label"]: np.array(entry["mask"]).tolist() for entry in result},
-        "not_supported": [m for m in messages if "not supported" in m],
-    }))
-    """
-)
-
-
 def test_remote_code_loads_without_the_package(small_pcaa_folder, model_and_processor, image, tmp_path):
     image_path = tmp_path / "image.png"
     image.save(image_path)
-    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"),
-                       HF_HUB_DISABLE_PROGRESS_BARS="1")
-    completed = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(small_pcaa_folder), str(image_path)],
-                               capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=600)
-    assert completed.returncode == 0, completed.stderr
-    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    report = run_without_the_package(small_pcaa_folder, image_path, tmp_path)
     assert report["blocked"]
     assert report["model_module"].startswith("transformers_modules.")
     assert report["processor_module"].startswith("transformers_modules.")

@@ -35,6 +35,7 @@ TEMPLATES = [
     ("pcaa_r101_cityscapes.md", dict(backbone_depth=101), "cityscapes"),
     ("pcaa_r101_ade20k.md", dict(backbone_depth=101, multi_grid=True), "ade20k"),
     ("pcaa_generic.md", dict(backbone_depth=18), "cityscapes"),
+    ("baseline_generic.md", dict(backbone_depth=50, decode_head_type="ocr"), "cityscapes"),
 ]
 
 
@@ -188,6 +189,26 @@ def test_default_template_picks_the_paper_settings_or_the_generic_card():
     assert chosen("cityscapes", backbone_depth=50, hidden_size=64) == "pcaa_generic.md"
     assert chosen("cityscapes", backbone_depth=101, multi_grid=True) == "pcaa_generic.md"
     assert chosen("cityscapes", backbone_depth=50, bins=[(2, 2), (4, 4)]) == "pcaa_generic.md"
+
+
+@pytest.mark.parametrize("head, name, paper, bibtex_key, authors_model", [
+    ("fcn", "FCN", "Fully Convolutional Networks for Semantic Segmentation", "long2015fully", "basenet"),
+    ("aspp", "DeepLabV3 (ASPP)", "Rethinking Atrous Convolution", "chen2017rethinking", "deeplabv3"),
+    ("non_local", "Non-local", "Non-local Neural Networks", "wang2018non", "nlnet"),
+    ("ocr", "OCR", "Object-Contextual Representations for Semantic Segmentation", "yuan2020object", "ocrnet"),
+])
+def test_a_baseline_card_names_its_head_and_cites_its_paper_and_pcaas(head, name, paper, bibtex_key, authors_model):
+    config = small_config(hidden_size=512, backbone_depth=50, decode_head_type=head)
+    assert default_template(config, "cityscapes").name == "baseline_generic.md"
+    card = render_model_card(None, repo_id=REPO_ID, config=config, id2label=ID2LABEL, metrics=fake_metrics(),
+                             evaluation=EVALUATION, recipe=RECIPE, data=real_data("cityscapes"))
+    text = str(card)
+    assert f"# {name}, ResNet-50, Cityscapes: {REPO_ID}" in text
+    assert paper in text and re.search(rf"@(inproceedings|article){{{bibtex_key},", text)
+    assert CITATION in text and f"networks/{authors_model}.py" in text and f'decode_head_type="{head}"' in text
+    assert authors_model in ModelCard(text).data.tags
+    assert "region focal loss" not in text and "Partial Class Activation Attention" in text
+    assert ("soft object regions" in text) == (head == "ocr")
 
 
 def test_default_template_names_a_missing_template_and_asks_for_a_path(monkeypatch, tmp_path):

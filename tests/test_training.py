@@ -221,6 +221,19 @@ def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(gene
     assert results["completed_steps"] == 8 and results["eval_num_images"] == 3
 
 
+def test_a_baseline_head_trains_evaluates_and_exports_with_its_own_card(generated_data, tmp_path):
+    """--decode_head_type: the same run with OCR in the PCAA head's place, its card naming OCR and citing it."""
+    output = tmp_path / "ocr"
+    assert train_main(training_arguments(generated_data, output, 2, "--decode_head_type", "ocr")) == 0
+    config = json.loads((output / "model" / "config.json").read_text())
+    assert config["decode_head_type"] == "ocr"
+    card = (output / "model" / "README.md").read_text()
+    assert card.startswith("---") and "# OCR, ResNet-18," in card and "yuan2020object" in card
+    assert "| decode_head_type | ocr |" in card
+    results = json.loads((output / "all_results.json").read_text())
+    assert results["completed_steps"] == 2 and results["eval_num_images"] == 3
+
+
 def test_two_cpu_processes_with_sync_batch_norm_checkpoint_resume_and_evaluation(generated_data, tmp_path):
     """`accelerate launch` with 2 gloo processes: SyncBatchNorm, a checkpoint, a resume, each image scored once."""
     launcher = two_processes_launcher()

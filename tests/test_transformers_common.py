@@ -8,6 +8,7 @@ apply to a convolutional model without attention, embeddings or a base model are
 
 import unittest
 
+import pytest
 import torch
 from transformers import SwinConfig
 from transformers.modeling_outputs import SemanticSegmenterOutput
@@ -32,8 +33,10 @@ NOT_APPLICABLE = {
 class PCAAModelTester:
     """Small PCAA configurations and inputs for the shared tests: 32x32 images give 4x4 maps at output stride 8."""
 
-    def __init__(self, parent, batch_size=2, image_size=32, num_channels=3, num_labels=3, backbone_config=None):
+    def __init__(self, parent, batch_size=2, image_size=32, num_channels=3, num_labels=3, backbone_config=None,
+                 decode_head_type="pcaa"):
         self.parent = parent
+        self.decode_head_type = decode_head_type
         self.batch_size = batch_size
         self.image_size = image_size
         self.num_channels = num_channels
@@ -45,6 +48,7 @@ class PCAAModelTester:
 
     def get_config(self):
         return PCAAConfig(
+            decode_head_type=self.decode_head_type,
             backbone_config=self.backbone_config,
             backbone_depth=18,
             hidden_size=16,
@@ -70,9 +74,10 @@ class PCAAModelTest(modeling_common.ModelTesterMixin, unittest.TestCase):
     has_attentions = False
     test_resize_embeddings = False
     test_torch_exportable = True
+    decode_head_type = "pcaa"
 
     def setUp(self):
-        self.model_tester = PCAAModelTester(self)
+        self.model_tester = PCAAModelTester(self, decode_head_type=self.decode_head_type)
         self.config_tester = configuration_common.ConfigTester(
             self, config_class=PCAAConfig, has_text_modality=False, common_properties=["hidden_size", "num_channels"]
         )
@@ -148,6 +153,26 @@ class PCAAWithTransformersBackboneModelTest(PCAAModelTest):
             self.assertIsNone(model(**inputs).attentions)
         self.assertEqual(len(attentions), 4)  # one layer per stage
         self.assertEqual(attentions[0].shape[0] % self.model_tester.batch_size, 0)  # (batch x windows, heads, ...)
+
+
+# The shared tests with each baseline of the paper's Table 3 in the PCAA head's place, 12 s each; the two plain
+# convolutional heads in the slow set.
+@pytest.mark.slow
+class PCAAWithFCNHeadModelTest(PCAAModelTest):
+    decode_head_type = "fcn"
+
+
+@pytest.mark.slow
+class PCAAWithASPPHeadModelTest(PCAAModelTest):
+    decode_head_type = "aspp"
+
+
+class PCAAWithNonLocalHeadModelTest(PCAAModelTest):
+    decode_head_type = "non_local"
+
+
+class PCAAWithOCRHeadModelTest(PCAAModelTest):
+    decode_head_type = "ocr"
 
 
 class PCAAImageProcessingTester(image_processing_common.ImageProcessingTester):

@@ -6,9 +6,10 @@ Sections:
           which the model section reports its FLOP/s against. Run whenever it is.
   model   forward (inference) and training-step (SGD, the paper's loss) throughput, FLOPs (torch's flop counter) and
           peak memory of the paper's model (output stride 8, one 4x4 PCAA module, 19 classes, random weights) for
-          every combination of --tasks, --depths, --sizes (square), --batch_sizes, --dtypes (bfloat16 = autocast),
-          --channels_last, --checkpointing (training only) and --compile; with --original, the authors' model too
-          (uncompiled cases; their training step with their loss and train.py's SGD parameter groups).
+          every combination of --tasks, --depths, --decode_head_types (PCAA and the baselines of the paper's Table 3
+          on the same backbone), --sizes (square), --batch_sizes, --dtypes (bfloat16 = autocast), --channels_last,
+          --checkpointing (training only) and --compile; with --original, the authors' PCAA model too (uncompiled
+          cases; their training step with their loss and train.py's SGD parameter groups).
   runtimes
           our model beside the deployment runtimes on its export by transformers' exporters (pcaa_hf.benchmarks.
           runtimes): ONNX Runtime and OpenVINO on the CPU, float32 and bfloat16, and the int8 ONNX model, for every
@@ -26,6 +27,7 @@ Sections:
 Every finished measurement is written to --output at once (atomically), so an interrupted run keeps its figures.
 """
 
+import functools
 import importlib.util
 import sys
 from dataclasses import asdict
@@ -53,7 +55,7 @@ from pcaa_hf.cli.arguments import ArgumentParser, positive_int
 from pcaa_hf.data.builders import FOLDER_LAYOUTS
 from pcaa_hf.data.label_sets import CITYSCAPES_ID_TO_TRAIN_ID
 from pcaa_hf.data.synthetic import street_scene
-from pcaa_hf.model.configuration_pcaa import BACKBONE_DEPTHS
+from pcaa_hf.model.configuration_pcaa import BACKBONE_DEPTHS, DECODE_HEAD_TYPES
 from pcaa_hf.model.image_processing_pcaa import PCAAImageProcessor
 from pcaa_hf.model.modeling_pcaa import PCAAForSemanticSegmentation
 from pcaa_hf.publishing.exporting import dataset_images
@@ -131,7 +133,7 @@ def row_label(case, implementation):
 
 def model_section(args, device, limits, results, save):
     cases = model_cases(args.tasks, args.depths, args.sizes, args.batch_sizes, args.dtypes, args.channels_last,
-                        args.checkpointing, args.compile, args.cpu_fast_path)
+                        args.checkpointing, args.compile, args.cpu_fast_path, args.decode_head_types)
     print(f"Model, {len(cases)} cases ({args.calls} timed calls each, the fastest kept; fractions of the matmul limit "
           "re-read beside each case):")
     print(f"  {'case':<74}{'img/s':>8}{'GFLOP/img':>11}{'TFLOP/s':>9}{'of limit':>10}{'peak GiB':>10}")
@@ -142,8 +144,10 @@ def model_section(args, device, limits, results, save):
     for case in cases:
         builders, skipped = {}, {}
         for implementation, build_model in implementations.items():
-            if implementation == "authors" and case.compile:
+            if implementation == "authors" and (case.compile or case.decode_head != "pcaa"):
                 continue
+            if implementation == "pcaa_hf":
+                build_model = functools.partial(build_model, decode_head_type=case.decode_head)
             reason = bfloat16_unsupported(device) if case.dtype == "bfloat16" else None
             if implementation == "authors" and case.depth not in (50, 101):
                 reason = "the authors' code builds ResNet-50 and ResNet-101 only"
@@ -262,6 +266,9 @@ def main(argv=None):
     model.add_argument("--batch_sizes", nargs="+", type=positive_int, default=[1, 2])
     model.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
     model.add_argument("--channels_last", nargs="+", choices=SWITCH, default=["off", "on"])
+    model.add_argument("--decode_head_types", nargs="+", choices=DECODE_HEAD_TYPES, default=["pcaa"],
+                       help="the decode heads to measure on the same backbone and inputs: pcaa and the baselines of "
+                            "the paper's Table 3 (the authors' model is timed for pcaa only)")
     model.add_argument("--cpu_fast_path", nargs="+", choices=SWITCH, default=["on"],
                        help="PCAA's CPU inference fast path (pcaa_hf.cpu_fast_paths); off on: an A/B of it")
     model.add_argument("--checkpointing", nargs="+", choices=SWITCH, default=["off", "on"],

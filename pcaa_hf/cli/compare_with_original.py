@@ -52,8 +52,10 @@ def main(argv=None):
     rows = []
     for name in args.configs:
         settings = CONFIGURATIONS[name]
-        print(f"{name}: {settings['backbone']}, {settings['num_labels']} classes, bins {settings['bins']}, "
-              f"multi-grid {settings['multi_grid']}, dropout {settings['dropout']}, OHEM {settings['ohem']}, "
+        head = f"bins {settings['bins']}" if "bins" in settings else (
+            f"auxiliary head {settings.get('auxiliary_head', True) or settings['model'] == 'ocrnet'}")
+        print(f"{name}: {settings.get('model', 'caanet')}, {settings['backbone']}, {settings['num_labels']} classes, "
+              f"{head}, multi-grid {settings['multi_grid']}, dropout {settings['dropout']}, OHEM {settings['ohem']}, "
               f"input 2x3x{settings['size'][0]}x{settings['size'][1]}, {args.dtype}", flush=True)
         for row in check.compare(name):
             print(row_line(row), flush=True)

@@ -63,30 +63,81 @@ def rename_key(key, rules):
     return None
 
 
-def original_key_to_hf(key, dropout):
-    """The name of an authors' `Seg_Model` state-dict key in `PCAAForSemanticSegmentation`, or None if unknown."""
+# The authors' train.py --model choices -> our `decode_head_type`.
+ORIGINAL_MODELS = {"caanet": "pcaa", "basenet": "fcn", "deeplabv3": "aspp", "nlnet": "non_local", "ocrnet": "ocr"}
+# A key only each authors' model has, to name the model a checkpoint holds when it does not match --model.
+ORIGINAL_MODEL_MARKERS = {"caanet": "head.module_list.", "basenet": "head.0.", "deeplabv3": "head.conv1.",
+                          "nlnet": "head.ctb.", "ocrnet": "spatial_ocr_head."}
+
+
+def conv_norm_rules(original, ours):
+    """The authors' nn.Sequential(conv, BatchNorm[, ReLU]) at `original` -> our `PCAAConvNormAct` at `ours`."""
+    return ((rf"^{original}\.0\.", f"{ours}.conv."), (rf"^{original}\.1\.", f"{ours}.norm."))
+
+
+def stacked_conv_norm_rules(original, ours):
+    """The authors' nn.Sequential of (conv, BatchNorm, ReLU) triples at `original` -> our nn.Sequential of them."""
+    return ((rf"^{original}\.(\d+)\.",
+             lambda m: f"{ours}.{int(m[1]) // 3}.{'conv' if int(m[1]) % 3 == 0 else 'norm'}."),)
+
+
+def decode_head_rules(model, classifier):
+    """
+    Renaming rules of the authors' `model`'s decode head; `classifier` is the index their classifier convolutions
+    take in an nn.Sequential (one later with --dropout, after the Dropout2d).
+    """
+    final = 1 if classifier == 4 else 0  # a classifier that is alone in its nn.Sequential, or after a dropout
+    if model == "caanet":
+        return (*conv_norm_rules(r"head\.conva", "decode_head.pre"),
+                *conv_norm_rules(r"head\.convb", "decode_head.post"),
+                *conv_norm_rules(r"head\.conv_seg", "decode_head.fuse"),
+                (rf"^head\.conv_seg\.{classifier}\.", "decode_head.classifier."))
+    if model == "basenet":
+        return (*stacked_conv_norm_rules(r"head", "decode_head.convs"),
+                (rf"^classifier\.{final}\.", "decode_head.classifier."))
+    if model == "deeplabv3":
+        return ((r"^head\.conv1\.1\.", "decode_head.image_pool.conv."),
+                (r"^head\.conv1\.2\.", "decode_head.image_pool.norm."),
+                (r"^head\.conv([2-9])\.0\.", lambda m: f"decode_head.branches.{int(m[1]) - 2}.conv."),
+                (r"^head\.conv([2-9])\.1\.", lambda m: f"decode_head.branches.{int(m[1]) - 2}.norm."),
+                *conv_norm_rules(r"head\.bottleneck", "decode_head.bottleneck"),
+                (rf"^classifier\.{final}\.", "decode_head.classifier."))
+    if model == "nlnet":
+        return (*conv_norm_rules(r"head\.conva", "decode_head.pre"),
+                (r"^head\.ctb\.conv_query\.", "decode_head.non_local.query."),
+                (r"^head\.ctb\.conv_key\.", "decode_head.non_local.key."),
+                (r"^head\.ctb\.conv_value\.", "decode_head.non_local.value."),
+                *conv_norm_rules(r"head\.ctb\.conv_out", "decode_head.non_local.output_projection"),
+                *conv_norm_rules(r"head\.convb", "decode_head.post"),
+                *conv_norm_rules(r"head\.bottleneck", "decode_head.fuse"),
+                (rf"^head\.bottleneck\.{classifier}\.", "decode_head.classifier."))
+    block = r"spatial_ocr_head\.object_context_block"
+    return (*conv_norm_rules(r"conv_3x3", "decode_head.pre"),
+            *stacked_conv_norm_rules(rf"{block}\.f_pixel", "decode_head.object_context.pixel_query"),
+            *stacked_conv_norm_rules(rf"{block}\.f_object", "decode_head.object_context.object_key"),
+            *stacked_conv_norm_rules(rf"{block}\.f_down", "decode_head.object_context.object_value"),
+            *conv_norm_rules(rf"{block}\.f_up", "decode_head.object_context.output_projection"),
+            *conv_norm_rules(r"spatial_ocr_head\.conv_bn_dropout", "decode_head.fuse"),
+            (rf"^classifier\.{final}\.", "decode_head.classifier."))
+
+
+def original_key_to_hf(key, dropout, model="caanet"):
+    """The name of a key of the authors' `model` (`networks/<model>.py`'s `Seg_Model`) in ours, or None if unknown."""
     # With --dropout the authors' classifiers sit one index later in their nn.Sequential (after the Dropout2d).
     classifier = 4 if dropout else 3
     if key.startswith("backbone."):
         renamed = rename_key(key[len("backbone."):], BACKBONE_KEY_RULES)
         return None if renamed is None else "backbone." + renamed
     match = re.match(r"^head\.module_list\.(\d+)\.(.*)$", key)
-    if match:
+    if model == "caanet" and match:
         renamed = rename_key(match[2], PCAA_MODULE_KEY_RULES)
         return None if renamed is None else f"decode_head.pcaa_modules.{match[1]}.{renamed}"
-    head_rules = (
-        (r"^head\.conva\.0\.", "decode_head.pre.conv."),
-        (r"^head\.conva\.1\.", "decode_head.pre.norm."),
-        (r"^head\.convb\.0\.", "decode_head.post.conv."),
-        (r"^head\.convb\.1\.", "decode_head.post.norm."),
-        (r"^head\.conv_seg\.0\.", "decode_head.fuse.conv."),
-        (r"^head\.conv_seg\.1\.", "decode_head.fuse.norm."),
-        (rf"^head\.conv_seg\.{classifier}\.", "decode_head.classifier."),
+    auxiliary_rules = (
         (r"^dsn\.0\.", "auxiliary_head.conv.conv."),
         (r"^dsn\.1\.", "auxiliary_head.conv.norm."),
         (rf"^dsn\.{classifier}\.", "auxiliary_head.classifier."),
     )
-    return rename_key(key, head_rules)
+    return rename_key(key, (*decode_head_rules(model, classifier), *auxiliary_rules))
 
 
 def load_original_state_dict(path):
@@ -158,31 +209,41 @@ def match_state_dict(state_dict, expected, rename, optional=()):
     return converted, problems
 
 
-def convert_original_state_dict(state_dict, model, dropout):
+def convert_original_state_dict(state_dict, model, dropout, original_model="caanet"):
     """
-    Rename the authors' keys to ours and check them against `model`: every key of the checkpoint must map to a key of
-    the model with the same shape, and every key of the model must be given. Raises `CheckpointMismatchError` listing
-    every offending key otherwise; nothing is dropped silently.
+    Rename the keys of the authors' `original_model` to ours and check them against `model`: every key of the
+    checkpoint must map to a key of the model with the same shape, and every key of the model must be given. Raises
+    `CheckpointMismatchError` listing every offending key otherwise; nothing is dropped silently.
     """
-    converted, problems = match_state_dict(state_dict, model.state_dict(), lambda key: original_key_to_hf(key, dropout))
+    def matched(with_dropout):
+        return match_state_dict(state_dict, model.state_dict(),
+                                lambda key: original_key_to_hf(key, with_dropout, original_model))
+
+    converted, problems = matched(dropout)
     if problems:
         hints = []
-        if not dropout and any(key.startswith("head.conv_seg.4.") for key in state_dict):
-            hints.append("its classifiers sit after a dropout layer: it was trained with --dropout")
-        if dropout and any(key.startswith("head.conv_seg.3.") for key in state_dict):
-            hints.append("its classifiers sit where they do without dropout: drop --dropout")
+        held = [name for name, marker in ORIGINAL_MODEL_MARKERS.items()
+                if any(key.startswith(marker) for key in state_dict)]
+        if held and original_model not in held:
+            hints.append(f"it holds an authors' {held[0]} model: pass --model {held[0]}")
+        elif not matched(not dropout)[1]:
+            hints.append("its classifiers sit after a dropout layer: it was trained with --dropout" if not dropout
+                         else "its classifiers sit where they do without dropout: drop --dropout")
         hint = f" ({'; '.join(hints)})" if hints else ""
         raise CheckpointMismatchError(
-            "The checkpoint does not match the requested architecture; check --backbone, --num-labels, the number of "
-            f"--bins grids and --dropout{hint}:\n" + "\n".join(problems)
+            "The checkpoint does not match the requested architecture; check --model, --backbone, --num-labels, the "
+            f"number of --bins grids and --dropout{hint}:\n" + "\n".join(problems)
         )
     return converted
 
 
-def original_config(backbone, num_labels, bins, multi_grid, dropout, auxiliary_head=True, dataset=None):
-    """The `PCAAConfig` of an authors' model trained with the given command-line settings."""
+def original_config(backbone, num_labels, bins, multi_grid, dropout, auxiliary_head=True, dataset=None,
+                    original_model="caanet"):
+    """The `PCAAConfig` of an authors' `original_model` trained with the given command-line settings."""
     if backbone not in ORIGINAL_BACKBONES:
         raise ValueError(f"Unknown backbone {backbone!r}: expected one of {sorted(ORIGINAL_BACKBONES)}.")
+    if original_model not in ORIGINAL_MODELS:
+        raise ValueError(f"Unknown model {original_model!r}: expected one of {sorted(ORIGINAL_MODELS)}.")
     labels = {"num_labels": num_labels}
     if dataset is not None:
         names = LABEL_SETS[dataset]
@@ -191,6 +252,7 @@ def original_config(backbone, num_labels, bins, multi_grid, dropout, auxiliary_h
         id2label, label2id = label_maps(names)
         labels = {"id2label": id2label, "label2id": label2id}
     return PCAAConfig(
+        decode_head_type=ORIGINAL_MODELS[original_model],
         backbone_depth=ORIGINAL_BACKBONES[backbone],
         multi_grid=multi_grid,
         bins=tuple(tuple(grid) for grid in bins),
@@ -201,11 +263,12 @@ def original_config(backbone, num_labels, bins, multi_grid, dropout, auxiliary_h
 
 
 def convert_original_checkpoint(checkpoint, output, backbone, num_labels, bins, multi_grid=False, dropout=False,
-                                dataset=None, overwrite=False):
+                                dataset=None, overwrite=False, original_model="caanet"):
     """
-    Convert an authors' checkpoint into a `save_pretrained` folder with its image processor (set up for `dataset`
-    when given), written atomically and checked to reload with no missing or unexpected keys and identical weights
-    before it replaces anything. Returns the reloaded model.
+    Convert a checkpoint of the authors' `original_model` (their train.py's --model: `caanet`, PCAA, or a baseline of
+    `ORIGINAL_MODELS`) into a `save_pretrained` folder with its image processor (set up for `dataset` when given),
+    written atomically and checked to reload with no missing or unexpected keys and identical weights before it
+    replaces anything. Returns the reloaded model.
     """
     checkpoint, output = Path(checkpoint).resolve(), Path(output).resolve()
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -216,12 +279,13 @@ def convert_original_checkpoint(checkpoint, output, backbone, num_labels, bins, 
         logger.warning("The authors' ADE20K models were trained with --multi-grid; the weights cannot tell, so "
                        "check that this one was not (pass --multi-grid otherwise).")
     state_dict = load_original_state_dict(checkpoint)
-    auxiliary_head = any(key.startswith("dsn.") for key in state_dict)
+    # OCR's object regions are its auxiliary head's scores: an ocrnet checkpoint without one is reported as incomplete.
+    auxiliary_head = original_model == "ocrnet" or any(key.startswith("dsn.") for key in state_dict)
     if not auxiliary_head:
         logger.info("The checkpoint has no auxiliary head (dsn.*): converting without one.")
-    config = original_config(backbone, num_labels, bins, multi_grid, dropout, auxiliary_head, dataset)
+    config = original_config(backbone, num_labels, bins, multi_grid, dropout, auxiliary_head, dataset, original_model)
     model = PCAAForSemanticSegmentation(config)
-    model.load_state_dict(convert_original_state_dict(state_dict, model, dropout), strict=True)
+    model.load_state_dict(convert_original_state_dict(state_dict, model, dropout, original_model), strict=True)
     model.eval()
 
     processor = PCAAImageProcessor(**IMAGE_PROCESSOR_SETTINGS.get(dataset, {}))

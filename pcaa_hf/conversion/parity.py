@@ -1,7 +1,8 @@
 """Numerical parity of pcaa_hf with the authors' PCAA code (GitHub lsa1997/PCAA), which is NOT part of this project.
 
 `ParityCheck(checkout)` imports their code from a checkout of that repository. For each configuration of
-`CONFIGURATIONS`, the authors' `Seg_Model` is built with random weights and randomised BatchNorm statistics, saved as
+`CONFIGURATIONS`, the authors' `Seg_Model` (PCAA, `networks/caanet.py`, or a baseline of `networks/` that their
+train.py's --model names, with its loss) is built with random weights and randomised BatchNorm statistics, saved as
 a DistributedDataParallel-style checkpoint (`module.` prefix), converted with `convert_original_checkpoint`, reloaded
 from the written folder, and both models are run in eval mode on the same random images and label maps. Each output
 (the logits, the region class scores and each loss term) gets a `ParityRow`: the relative error of ours against
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pcaa_hf.conversion.original_checkpoints import convert_original_checkpoint, import_original
+from pcaa_hf.conversion.original_checkpoints import ORIGINAL_MODELS, convert_original_checkpoint, import_original
 
 DEFAULT_TOLERANCE = 1e-6
 # These randomised networks amplify rounding (errors of 1e-1 of the largest logit in float32), and the errors of
@@ -32,6 +33,9 @@ DEFAULT_ROUNDING_RATIO = 4.0
 # Outputs that both round exactly (a loss of constant inputs) get this floor, not a ratio of zeros.
 ROUNDING_FLOOR = 1e-6
 
+# Each configuration: the authors' --model (caanet when not given), backbone, classes, PCAA region grids, --multi-grid,
+# --dropout, --aux-loss (True when not given; their ocrnet always has the auxiliary head), input size and --ohem.
+# The baselines run on smaller inputs of sizes no output stride divides: their heads, like PCAA's, take any size.
 CONFIGURATIONS = {
     "r50-cityscapes": dict(backbone="resnet50", num_labels=19, bins=[(4, 4)], multi_grid=False, dropout=False,
                            size=(512, 1024), ohem=False),
@@ -41,6 +45,23 @@ CONFIGURATIONS = {
                                   dropout=False, size=(512, 512), ohem=False),
     "r50-bins-2x2-4x4-dropout": dict(backbone="resnet50", num_labels=19, bins=[(2, 2), (4, 4)], multi_grid=False,
                                      dropout=True, size=(512, 512), ohem=False),
+    "r50-basenet": dict(model="basenet", backbone="resnet50", num_labels=19, multi_grid=False, dropout=False,
+                        size=(257, 385), ohem=False),
+    "r50-basenet-dropout-no-auxiliary": dict(model="basenet", backbone="resnet50", num_labels=19, multi_grid=False,
+                                             dropout=True, auxiliary_head=False, size=(250, 330), ohem=False),
+    "r50-deeplabv3": dict(model="deeplabv3", backbone="resnet50", num_labels=19, multi_grid=False, dropout=False,
+                          size=(257, 385), ohem=False),
+    "r50-deeplabv3-dropout-no-auxiliary-ohem": dict(model="deeplabv3", backbone="resnet50", num_labels=19,
+                                                    multi_grid=False, dropout=True, auxiliary_head=False,
+                                                    size=(250, 330), ohem=True),
+    "r50-nlnet": dict(model="nlnet", backbone="resnet50", num_labels=19, multi_grid=False, dropout=False,
+                      size=(257, 385), ohem=False),
+    "r50-nlnet-dropout-no-auxiliary": dict(model="nlnet", backbone="resnet50", num_labels=19, multi_grid=False,
+                                           dropout=True, auxiliary_head=False, size=(250, 330), ohem=False),
+    "r50-ocrnet": dict(model="ocrnet", backbone="resnet50", num_labels=19, multi_grid=False, dropout=False,
+                       size=(257, 385), ohem=False),
+    "r101-ocrnet-multigrid-dropout-ohem": dict(model="ocrnet", backbone="resnet101", num_labels=150, multi_grid=True,
+                                               dropout=True, size=(250, 330), ohem=True),
 }
 
 
@@ -85,12 +106,12 @@ def relative_error(ours, theirs):
 
 
 def named_outputs(logits, region_class_scores, segmentation_loss, auxiliary_loss, region_loss, loss):
-    """{name: tensor}, one naming for both codes' outputs."""
+    """{name: tensor}, one naming for both codes' outputs; the ones a model does not have (None) are left out."""
     outputs = {"logits": logits}
-    outputs.update({f"region_class_scores[{i}]": score for i, score in enumerate(region_class_scores)})
+    outputs.update({f"region_class_scores[{i}]": score for i, score in enumerate(region_class_scores or ())})
     outputs.update(segmentation_loss=segmentation_loss, auxiliary_loss=auxiliary_loss, region_loss=region_loss,
                    loss=loss)
-    return outputs
+    return {name: value for name, value in outputs.items() if value is not None}
 
 
 def authors_onehot_labels(labels, num_labels, dtype):
@@ -101,13 +122,32 @@ def authors_onehot_labels(labels, num_labels, dtype):
     return torch.stack([(labels == k) for k in range(num_labels)], dim=1).to(dtype)
 
 
+def authors_model(networks, criterion_module, settings):
+    """The authors' `Seg_Model` of `settings["model"]` with the loss their train.py gives it (`get_loss`)."""
+    model = settings.get("model", "caanet")
+    if model == "caanet":
+        criterion = criterion_module.JointClsLoss(ignore_index=255, bins=settings["bins"], ohem=settings["ohem"])
+        head_settings = dict(bins=settings["bins"])
+    else:
+        criterion = criterion_module.DSNLoss(ignore_index=255, ohem=settings["ohem"])
+        head_settings = {}
+    return networks[model].Seg_Model(num_classes=settings["num_labels"], criterion=criterion,
+                                     backbone=settings["backbone"], multi_grid=settings["multi_grid"],
+                                     aux_loss=settings.get("auxiliary_head", True), dropout=settings["dropout"],
+                                     **head_settings)
+
+
 def authors_outputs(theirs, pixel_values, labels, num_labels):
-    """`named_outputs` of the authors' model: logits, region class scores, loss terms."""
-    labels_onehot = authors_onehot_labels(labels, num_labels, pixel_values.dtype)
+    """`named_outputs` of the authors' model: logits, region class scores (PCAA), loss terms."""
     with torch.no_grad():
-        logits, scores = theirs(pixel_values)
-        losses = theirs(pixel_values, labels, labels_onehot)
-    return named_outputs(logits, scores, losses["seg_loss"], losses["aux_loss"], losses["cls_loss"],
+        outputs = theirs(pixel_values)
+        if isinstance(outputs[-1], list):  # PCAA: [logits, region class scores], a loss needing one-hot labels
+            losses = theirs(pixel_values, labels, authors_onehot_labels(labels, num_labels, pixel_values.dtype))
+            return named_outputs(outputs[0], outputs[1], losses["seg_loss"], losses["aux_loss"], losses["cls_loss"],
+                                 losses["total_loss"])
+        losses = theirs(pixel_values, labels)
+    # DSNLoss: the segmentation and auxiliary terms with an auxiliary head, else the total alone.
+    return named_outputs(outputs[0], None, losses.get("seg_loss", losses["total_loss"]), losses.get("aux_loss"), None,
                          losses["total_loss"])
 
 
@@ -119,22 +159,19 @@ def our_outputs(ours, pixel_values, labels):
                          output.region_loss, output.loss)
 
 
-def compare(caanet, criterion_module, name, settings, workdir, seed, dtype):
+def compare(networks, criterion_module, name, settings, workdir, seed, dtype):
     """
     Rows (name, error of ours against theirs, max |theirs|, ours' and theirs' error against the authors' model in
     float64); the last two only below float64 (else None): the rounding error each code makes.
     """
     generator = torch.Generator().manual_seed(seed)
-    criterion = criterion_module.JointClsLoss(ignore_index=255, bins=settings["bins"], ohem=settings["ohem"])
-    theirs = caanet.Seg_Model(num_classes=settings["num_labels"], criterion=criterion, backbone=settings["backbone"],
-                              multi_grid=settings["multi_grid"], bins=settings["bins"], aux_loss=True,
-                              dropout=settings["dropout"])
+    theirs = authors_model(networks, criterion_module, settings)
     randomise(theirs, generator)
     checkpoint = Path(workdir) / f"{name}.pth"
     torch.save({f"module.{key}": value for key, value in theirs.state_dict().items()}, checkpoint)
     ours = convert_original_checkpoint(checkpoint, Path(workdir) / name, settings["backbone"], settings["num_labels"],
-                                       settings["bins"], multi_grid=settings["multi_grid"],
-                                       dropout=settings["dropout"])
+                                       settings.get("bins", [(4, 4)]), multi_grid=settings["multi_grid"],
+                                       dropout=settings["dropout"], original_model=settings.get("model", "caanet"))
     ours.config.use_ohem = settings["ohem"]
     pixel_values = torch.randn(2, 3, *settings["size"], generator=generator)
     labels = random_label_map(2, settings["size"], settings["num_labels"], generator)
@@ -144,6 +181,8 @@ def compare(caanet, criterion_module, name, settings, workdir, seed, dtype):
                                     settings["num_labels"])
     their_values = authors_outputs(theirs.to(dtype), pixel_values.to(dtype), labels, settings["num_labels"])
     our_values = our_outputs(ours.to(dtype), pixel_values.to(dtype), labels)
+    if set(our_values) != set(their_values):
+        raise AssertionError(f"{name}: ours has the outputs {sorted(our_values)}, theirs {sorted(their_values)}.")
     rows = []
     for output_name, their_value in their_values.items():
         our_value = our_values[output_name]
@@ -181,7 +220,10 @@ class ParityCheck:
 
     def __init__(self, original, dtype=torch.float64, seed=0, tolerance=DEFAULT_TOLERANCE,
                  rounding_ratio=DEFAULT_ROUNDING_RATIO):
-        self.caanet, self.criterion_module = import_original(original)
+        *modules, self.criterion_module = import_original(
+            original, (*(f"networks.{model}" for model in ORIGINAL_MODELS), "loss.criterion")
+        )
+        self.networks = dict(zip(ORIGINAL_MODELS, modules))
         self.dtype, self.seed, self.tolerance, self.rounding_ratio = dtype, seed, tolerance, rounding_ratio
 
     def failed(self, error, our_rounding, their_rounding):
@@ -193,7 +235,7 @@ class ParityCheck:
     def compare(self, name):
         """The `ParityRow`s of configuration `name`."""
         with tempfile.TemporaryDirectory() as workdir:
-            rows = compare(self.caanet, self.criterion_module, name, CONFIGURATIONS[name], workdir, self.seed,
+            rows = compare(self.networks, self.criterion_module, name, CONFIGURATIONS[name], workdir, self.seed,
                            self.dtype)
         return [ParityRow(name, output, error, scale, our_rounding, their_rounding,
                           self.failed(error, our_rounding, their_rounding))

@@ -14,6 +14,7 @@ from .modeling_pcaa import PCAAForSemanticSegmentation, PCAAPreTrainedModel, PCA
 REMOTE_CODE_FILES = (
     "backbone_pcaa.py",
     "configuration_pcaa.py",
+    "decode_heads_pcaa.py",
     "image_processing_pcaa.py",
     "loss_pcaa.py",
     "modeling_pcaa.py",

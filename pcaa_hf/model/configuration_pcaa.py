@@ -6,6 +6,9 @@ from transformers.configuration_utils import SubConfigSpec
 
 BACKBONE_DEPTHS = (18, 34, 50, 101)
 OUTPUT_STRIDES = (8, 16)
+# The context heads of the paper's Table 3, each on the same backbone, auxiliary head and loss: PCAA itself, and the
+# baselines the authors' train.py trains with --model basenet, deeplabv3, nlnet and ocrnet.
+DECODE_HEAD_TYPES = ("pcaa", "fcn", "aspp", "non_local", "ocr")
 DEFAULT_NUM_LABELS = 19
 
 
@@ -21,6 +24,7 @@ class PCAAConfig(PreTrainedConfig):
     (dilated ResNet-50 "v1c" at output stride 8, one PCAA module with 4x4 bins, auxiliary head), with 19 generic
     labels unless `id2label`/`label2id` or `num_labels` are given. `num_labels=1` is binary segmentation, as in
     SegFormer: one logit per pixel, labels 0 and 1, a binary cross-entropy, class 1 where the logit is positive.
+    `decode_head_type` puts one of the paper's baselines in the PCAA head's place, with everything else unchanged.
 
     Args:
         backbone_config (`PreTrainedConfig` or `dict`, *optional*):
@@ -39,10 +43,19 @@ class PCAAConfig(PreTrainedConfig):
             Multiply the dilation of the blocks of stage 4 by (1, 2, 4) in turn (the paper's ADE20K model).
         num_channels (`int`, *optional*, defaults to 3):
             Number of input image channels.
+        decode_head_type (`str`, *optional*, defaults to `"pcaa"`):
+            The context head on the last feature map, the rows of the paper's Table 3: `"pcaa"` (Partial Class
+            Activation Attention), or a baseline as the authors' code builds it: `"fcn"` (two 3x3 convolutions,
+            their `basenet`), `"aspp"` (DeepLabV3's atrous spatial pyramid pooling with image pooling, `deeplabv3`),
+            `"non_local"` (a Non-local block, `nlnet`) or `"ocr"` (object-contextual representations over soft
+            object regions from the auxiliary head's class scores, `ocrnet`; needs `use_auxiliary_head`).
         hidden_size (`int`, *optional*, defaults to 512):
-            Width of the PCAA head; the attention inside a PCAA module works at half of it.
+            Width of the decode head; attention (PCAA, Non-local, OCR) and the ASPP branches work at half of it.
+        aspp_dilations (`list[int]`, *optional*, defaults to `(12, 24, 36)`):
+            Dilation rates of the 3x3 ASPP branches (`decode_head_type="aspp"`), beside its 1x1 and image-pooling
+            branches.
         bins (`list[tuple[int, int]]`, *optional*, defaults to `((4, 4),)`):
-            One (rows, columns) region grid per PCAA module; the modules are applied in sequence.
+            One (rows, columns) region grid per PCAA module; the modules are applied in sequence (PCAA head only).
         cam_dropout (`float`, *optional*, defaults to 0.1):
             Channel dropout (`Dropout2d`) before the partial class activation map of each PCAA module.
         classifier_dropout (`float`, *optional*, defaults to 0.0):
@@ -55,7 +68,7 @@ class PCAAConfig(PreTrainedConfig):
         auxiliary_loss_weight (`float`, *optional*, defaults to 0.4):
             Weight of the auxiliary cross-entropy in the total loss.
         region_loss_weight (`float`, *optional*, defaults to 1.0):
-            Weight of the region-level classification (focal) loss in the total loss.
+            Weight of the region-level classification (focal) loss in the total loss (PCAA head only).
         focal_gamma (`float`, *optional*, defaults to 2.0):
             Focusing parameter of the region focal loss.
         region_label_threshold (`float`, *optional*, defaults to 0.01):
@@ -97,7 +110,9 @@ class PCAAConfig(PreTrainedConfig):
     output_stride: int = 8
     multi_grid: bool = False
     num_channels: int = 3
+    decode_head_type: str = "pcaa"
     hidden_size: int = 512
+    aspp_dilations: list[int] | tuple[int, ...] = (12, 24, 36)
     bins: list[list[int]] | list[tuple[int, int]] | tuple[tuple[int, int], ...] = ((4, 4),)
     cam_dropout: float = 0.1
     classifier_dropout: float = 0.0
@@ -146,6 +161,13 @@ class PCAAConfig(PreTrainedConfig):
             raise ValueError(f"`num_channels` must be at least 1, got {self.num_channels}.")
 
     def validate_head(self):
+        if self.decode_head_type not in DECODE_HEAD_TYPES:
+            raise ValueError(f"`decode_head_type` must be one of {DECODE_HEAD_TYPES}, got {self.decode_head_type!r}.")
+        if self.decode_head_type == "ocr" and not self.use_auxiliary_head:
+            raise ValueError("`use_auxiliary_head` must be True with `decode_head_type='ocr'`: OCR's object regions "
+                             "are the auxiliary head's class scores.")
+        if len(self.aspp_dilations) == 0 or any(not isinstance(rate, int) or rate < 1 for rate in self.aspp_dilations):
+            raise ValueError(f"`aspp_dilations` must be positive integers, at least one, got {self.aspp_dilations!r}.")
         if self.hidden_size < 2 or self.hidden_size % 2:
             raise ValueError(f"`hidden_size` must be a positive even number, got {self.hidden_size}.")
         if self.auxiliary_hidden_size < 1:
@@ -176,4 +198,4 @@ class PCAAConfig(PreTrainedConfig):
             raise ValueError(f"`ohem_min_kept` must be non-negative, got {self.ohem_min_kept}.")
 
 
-__all__ = ["PCAAConfig"]
+__all__ = ["DECODE_HEAD_TYPES", "PCAAConfig"]

@@ -1,4 +1,4 @@
-"""PCAA training losses: pixel cross-entropy (optionally OHEM), auxiliary cross-entropy, region focal loss."""
+"""Training losses: pixel cross-entropy (optionally OHEM), auxiliary cross-entropy, PCAA's region focal loss."""
 
 from functools import lru_cache
 
@@ -123,11 +123,11 @@ def region_focal_loss(region_scores, labels, grid, ignore_index, label_threshold
 
 def pcaa_loss(config, logits, auxiliary_logits, region_class_scores, labels):
     """
-    The PCAA training loss: segmentation + auxiliary_loss_weight * auxiliary + region_loss_weight * region, where
-    region is the mean of the region focal losses of the PCAA modules. Computed outside autocast, in float32 (float64
-    for a float64 model).
+    The training loss: segmentation + auxiliary_loss_weight * auxiliary + region_loss_weight * region, where region
+    is the mean of the region focal losses of the PCAA modules (none with a baseline decode head, whose loss is the
+    authors' `DSNLoss`). Computed outside autocast, in float32 (float64 for a float64 model).
     Returns a dict with "loss" and its terms "segmentation_loss", "auxiliary_loss" (None without auxiliary logits)
-    and "region_loss".
+    and "region_loss" (None without region class scores).
     """
     ignore_index = config.loss_ignore_index
     with torch.autocast(device_type=logits.device.type, enabled=False):
@@ -136,13 +136,14 @@ def pcaa_loss(config, logits, auxiliary_logits, region_class_scores, labels):
                                               config.ohem_min_kept)
         else:
             segmentation = pixel_cross_entropy(logits, labels, ignore_index)
-        region = sum(
-            region_focal_loss(scores, labels, tuple(grid), ignore_index, config.region_label_threshold,
-                              config.focal_gamma) / len(region_class_scores)
-            for scores, grid in zip(region_class_scores, config.bins)
-        )
-        total = segmentation + config.region_loss_weight * region
-        auxiliary = None
+        total, region, auxiliary = segmentation, None, None
+        if region_class_scores:
+            region = sum(
+                region_focal_loss(scores, labels, tuple(grid), ignore_index, config.region_label_threshold,
+                                  config.focal_gamma) / len(region_class_scores)
+                for scores, grid in zip(region_class_scores, config.bins)
+            )
+            total = total + config.region_loss_weight * region
         if auxiliary_logits is not None:
             auxiliary = pixel_cross_entropy(auxiliary_logits, labels, ignore_index)
             total = total + config.auxiliary_loss_weight * auxiliary

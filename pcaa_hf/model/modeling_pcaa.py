@@ -27,6 +27,7 @@ from .backbone_pcaa import (
     uses_cpu_fast_paths,
 )
 from .configuration_pcaa import PCAAConfig, num_label_values
+from .decode_heads_pcaa import BASELINE_HEADS, PCAAAuxiliaryHead, PCAAClassifier
 from .loss_pcaa import adaptive_pool_bounds, pcaa_loss
 
 logger = transformers_logging.get_logger(__name__)
@@ -65,10 +66,11 @@ class PCAASemanticSegmenterOutput(SemanticSegmenterOutput):
     segmentation_loss, auxiliary_loss, region_loss (`torch.FloatTensor` of shape `()`, *optional*):
         The terms of `loss`, for logging.
     auxiliary_logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height / s, width / s)`, *optional*):
-        Class scores of the auxiliary head, computed in training mode or when `labels` is provided.
-    region_class_scores (`tuple(torch.FloatTensor)`):
+        Class scores of the auxiliary head, computed in training mode, when `labels` is provided, or always with the
+        OCR head (its object regions).
+    region_class_scores (`tuple(torch.FloatTensor)`, *optional*):
         One `(batch_size, num_labels, bins_rows, bins_columns)` tensor of sigmoid region class scores per PCAA module
-        (2 classes, labels 0 and 1, for a binary model with `num_labels=1`).
+        (2 classes, labels 0 and 1, for a binary model with `num_labels=1`); None with a baseline decode head.
     """
 
     segmentation_loss: torch.FloatTensor | None = None
@@ -200,13 +202,6 @@ def adaptive_average_pool(features, grid):
     return torch.matmul(torch.matmul(rows, features.to(dtype)), cols.transpose(0, 1)).to(features.dtype)
 
 
-class PCAAClassifier(nn.Conv2d):
-    """1x1 conv with bias producing class scores; initialised normal(0, initializer_range) with zero bias."""
-
-    def __init__(self, in_channels, num_labels):
-        super().__init__(in_channels, num_labels, kernel_size=1)
-
-
 class PCAARegionConv(nn.Conv2d):
     """1x1 conv over (B, N, K, C) with the N regions as channels; initialised like a linear layer."""
 
@@ -285,8 +280,9 @@ class PCAAModule(nn.Module):
 
 class PCAADecodeHead(nn.Module):
     """
-    3x3 conv -> PCAA module(s) -> 3x3 conv -> concat with the backbone feature -> 3x3 conv -> dropout -> classifier.
-    Input (B, C_in, h, w); output logits (B, K, h, w) and a tuple of region class scores, one per PCAA module.
+    3x3 conv -> PCAA module(s) -> 3x3 conv -> concat with the backbone feature (the context first) -> 3x3 conv ->
+    dropout -> classifier. Input (B, C_in, h, w); output logits (B, K, h, w) and a tuple of region class scores, one
+    per PCAA module.
     """
 
     def __init__(self, config, in_channels):
@@ -307,19 +303,6 @@ class PCAADecodeHead(nn.Module):
             region_class_scores += (scores,)
         hidden_state = self.fuse(torch.cat([self.post(hidden_state), features], dim=1))
         return self.classifier(self.dropout(hidden_state)), region_class_scores
-
-
-class PCAAAuxiliaryHead(nn.Module):
-    """3x3 conv -> dropout -> classifier on the stage-3 feature: (B, C_in, h, w) -> (B, K, h, w)."""
-
-    def __init__(self, config, in_channels):
-        super().__init__()
-        self.conv = PCAAConvNormAct(in_channels, config.auxiliary_hidden_size, 3)
-        self.dropout = nn.Dropout2d(config.classifier_dropout)
-        self.classifier = PCAAClassifier(config.auxiliary_hidden_size, config.num_labels)
-
-    def forward(self, features):
-        return self.classifier(self.dropout(self.conv(features)))
 
 
 class PCAAPreTrainedModel(PreTrainedModel):
@@ -376,8 +359,9 @@ class PCAAPreTrainedModel(PreTrainedModel):
 
 class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
     """
-    PCAA: a dilated ResNet "v1c" backbone, the PCAA decode head on its last stage and an auxiliary head on the stage
-    before. Logits are at 1/output_stride of the input; the loss upsamples them to the label size.
+    PCAA: a dilated ResNet "v1c" backbone, the PCAA decode head (or the baseline that `config.decode_head_type`
+    names) on its last stage and an auxiliary head on the stage before. Logits are at 1/output_stride of the input;
+    the loss upsamples them to the label size.
 
     Example:
 
@@ -395,7 +379,8 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
         super().__init__(config)
         # Any transformers backbone when configured (it returns BackboneOutput.feature_maps), else the paper's ResNet.
         self.backbone = PCAAResNetBackbone(config) if config.backbone_config is None else load_backbone(config)
-        self.decode_head = PCAADecodeHead(config, self.backbone.channels[-1])
+        decode_head = BASELINE_HEADS.get(config.decode_head_type, PCAADecodeHead)
+        self.decode_head = decode_head(config, self.backbone.channels[-1])
         self.auxiliary_head = (
             PCAAAuxiliaryHead(config, self.backbone.channels[-2]) if config.use_auxiliary_head else None
         )
@@ -432,14 +417,16 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
                 "do not; pcaa_hf.PCAASegmentationPipeline does)."
             )
 
-        auxiliary = self.auxiliary_head is not None and (self.training or labels is not None)
+        reads_auxiliary_logits = getattr(self.decode_head, "reads_auxiliary_logits", False)
+        auxiliary = self.auxiliary_head is not None and (self.training or labels is not None or reads_auxiliary_logits)
         # Only the maps that the heads read stay alive: the others are freed before the decode head runs.
         kept_maps = len(self.backbone.channels) if output_hidden_states else (2 if auxiliary else 1)
         feature_maps, hidden_states, attentions = self.backbone_features(
             pixel_values, kept_maps, output_hidden_states, output_attentions
         )
-        logits, region_class_scores = self.decode_head(feature_maps[-1])
         auxiliary_logits = self.auxiliary_head(feature_maps[-2]) if auxiliary else None
+        head_inputs = (feature_maps[-1], auxiliary_logits) if reads_auxiliary_logits else (feature_maps[-1],)
+        logits, region_class_scores = self.decode_head(*head_inputs)
 
         losses = {}
         if labels is not None:
@@ -454,7 +441,7 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
             auxiliary_loss=losses.get("auxiliary_loss"),
             region_loss=losses.get("region_loss"),
             auxiliary_logits=auxiliary_logits,
-            region_class_scores=region_class_scores,
+            region_class_scores=region_class_scores or None,
         )
         return output if return_dict else output.to_tuple()
 

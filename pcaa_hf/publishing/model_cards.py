@@ -20,6 +20,85 @@ logger = logging.getLogger(__name__)
 # The repository's model_cards/ folder: mapped onto this name by pyproject.toml, in a checkout and in a wheel.
 MODEL_CARDS_FOLDER = Path(str(files("pcaa_hf.model_cards")))
 GENERIC_TEMPLATE = "pcaa_generic.md"
+BASELINE_TEMPLATE = "baseline_generic.md"
+
+# What a card says about each baseline decode head (`PCAAConfig.decode_head_type`): its name, what it computes, the
+# paper that introduced it and the authors' network file it reproduces.
+BASELINE_HEADS = {
+    "fcn": dict(
+        name="FCN",
+        authors_model="basenet",
+        details="two 3x3 convolutions",
+        description="The FCN baseline: two 3x3 convolutions (BatchNorm, ReLU) on the backbone's last feature map, "
+                    "then the classifier; no context module.",
+        paper_title="Fully Convolutional Networks for Semantic Segmentation",
+        paper_url="https://openaccess.thecvf.com/content_cvpr_2015/html/Long_Fully_Convolutional_Networks_2015_CVPR_"
+                  "paper.html",
+        paper_reference="Long, Shelhamer, Darrell, CVPR 2015",
+        citation="""@inproceedings{long2015fully,
+  title     = {Fully Convolutional Networks for Semantic Segmentation},
+  author    = {Long, Jonathan and Shelhamer, Evan and Darrell, Trevor},
+  booktitle = {Proceedings of the IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  pages     = {3431--3440},
+  year      = {2015}
+}""",
+    ),
+    "aspp": dict(
+        name="DeepLabV3 (ASPP)",
+        authors_model="deeplabv3",
+        details="atrous spatial pyramid pooling",
+        description="DeepLabV3's atrous spatial pyramid pooling: image-level pooling, a 1x1 convolution and 3x3 "
+                    "convolutions at several dilation rates, run in parallel on the backbone's last feature map, "
+                    "concatenated and fused by a 3x3 convolution before the classifier.",
+        paper_title="Rethinking Atrous Convolution for Semantic Image Segmentation",
+        paper_url="https://arxiv.org/abs/1706.05587",
+        paper_reference="Chen, Papandreou, Schroff, Adam, arXiv 2017",
+        citation="""@article{chen2017rethinking,
+  title   = {Rethinking Atrous Convolution for Semantic Image Segmentation},
+  author  = {Chen, Liang-Chieh and Papandreou, George and Schroff, Florian and Adam, Hartwig},
+  journal = {arXiv preprint arXiv:1706.05587},
+  year    = {2017}
+}""",
+    ),
+    "non_local": dict(
+        name="Non-local",
+        authors_model="nlnet",
+        details="one Non-local block",
+        description="A Non-local block: every position attends to every other (embedded-Gaussian similarity of 1x1 "
+                    "projections) and adds the attended features to its own, between two 3x3 convolutions; the "
+                    "result is concatenated with the backbone feature and fused before the classifier.",
+        paper_title="Non-local Neural Networks",
+        paper_url="https://openaccess.thecvf.com/content_cvpr_2018/html/Wang_Non-Local_Neural_Networks_CVPR_2018_"
+                  "paper.html",
+        paper_reference="Wang, Girshick, Gupta, He, CVPR 2018",
+        citation="""@inproceedings{wang2018non,
+  title     = {Non-local Neural Networks},
+  author    = {Wang, Xiaolong and Girshick, Ross and Gupta, Abhinav and He, Kaiming},
+  booktitle = {Proceedings of the IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  pages     = {7794--7803},
+  year      = {2018}
+}""",
+    ),
+    "ocr": dict(
+        name="OCR",
+        authors_model="ocrnet",
+        details="object-contextual representations",
+        description="Object-contextual representations: the auxiliary head's class scores, normalised over the "
+                    "image, are soft object regions; each region's representation is the weighted sum of the "
+                    "pixel features, and every pixel attends over the regions and concatenates the result with its "
+                    "own feature before the classifier.",
+        paper_title="Object-Contextual Representations for Semantic Segmentation",
+        paper_url="https://www.ecva.net/papers/eccv_2020/papers_ECCV/html/3374_ECCV_2020_paper.php",
+        paper_reference="Yuan, Chen, Wang, ECCV 2020",
+        citation="""@inproceedings{yuan2020object,
+  title     = {Object-Contextual Representations for Semantic Segmentation},
+  author    = {Yuan, Yuhui and Chen, Xilin and Wang, Jingdong},
+  booktitle = {European Conference on Computer Vision (ECCV)},
+  pages     = {173--190},
+  year      = {2020}
+}""",
+    ),
+}
 
 # Hub data set ids of the real data sets, as the Hub's other Cityscapes / ADE20K segmentation cards name them.
 HUB_DATASET_IDS = {"cityscapes": "cityscapes", "ade20k": "scene_parse_150"}
@@ -48,8 +127,8 @@ MEAN_METRICS = (
 def default_template(config, dataset_type):
     """
     The template for a configuration: the paper's three published settings (ResNet-50 or ResNet-101 on Cityscapes,
-    ResNet-101 with multi-grid on ADE20K; output stride 8, a 512-wide head, one 4x4 grid) get their own card,
-    anything else the generic one.
+    ResNet-101 with multi-grid on ADE20K; output stride 8, a 512-wide head, one 4x4 grid) get their own card, other
+    PCAA models the generic one, and the baseline heads theirs (which names the head and cites its paper).
 
     config: a `PCAAConfig`; dataset_type: "cityscapes", "ade20k", "datasets" or None (unknown).
     Raises `FileNotFoundError` when the template is missing (a broken installation).
@@ -57,7 +136,9 @@ def default_template(config, dataset_type):
     # The paper's head and grid at output stride 8; anything else is not one of its configurations.
     paper_head = (getattr(config, "backbone_config", None) is None and config.output_stride == 8
                   and config.hidden_size == 512 and [tuple(g) for g in config.bins] == [(4, 4)])
-    if paper_head and config.backbone_depth == 50 and not config.multi_grid and dataset_type == "cityscapes":
+    if decode_head_type(config) != "pcaa":
+        name = BASELINE_TEMPLATE
+    elif paper_head and config.backbone_depth == 50 and not config.multi_grid and dataset_type == "cityscapes":
         name = "pcaa_r50_cityscapes.md"
     elif paper_head and config.backbone_depth == 101 and not config.multi_grid and dataset_type == "cityscapes":
         name = "pcaa_r101_cityscapes.md"
@@ -72,6 +153,11 @@ def default_template(config, dataset_type):
             "model_cards/ folder, lacks it. Reinstall pcaa_hf, or pass the path of a template to render_model_card."
         )
     return template
+
+
+def decode_head_type(config):
+    """The configuration's decode head; "pcaa" for configurations saved before there was a choice."""
+    return getattr(config, "decode_head_type", "pcaa")
 
 
 def backbone_name(config):
@@ -280,7 +366,10 @@ def render_model_card(template_path, *, repo_id, config, id2label, metrics=None,
         results["per_class_table"] = per_class_table(metrics, id2label)
         eval_results = evaluation_results(metrics, facts) or None
 
+    head_type = decode_head_type(config)
     tags = ["pcaa", "semantic-segmentation", "vision", "pytorch"]
+    if head_type != "pcaa":
+        tags.append(BASELINE_HEADS[head_type]["authors_model"])
     if facts["generated"]:
         tags.append("synthetic-data")
     elif data.get("dataset_type") in HUB_DATASET_IDS:
@@ -303,6 +392,7 @@ def render_model_card(template_path, *, repo_id, config, id2label, metrics=None,
         multi_grid=config.multi_grid,
         bins=", ".join(size_text(list(grid)) for grid in config.bins),
         hidden_size=config.hidden_size,
+        head=dict(BASELINE_HEADS.get(head_type, {}), type=head_type),
         num_labels=config.num_labels,
         dataset_name=facts["name"],
         dataset_type=data.get("dataset_type"),

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pcaa_hf.data.builders import DATASET_TYPES
 from pcaa_hf.data.transforms import RESCALE_RATIOS
 from pcaa_hf.inference.segmentation_inference import MODES
-from pcaa_hf.model.configuration_pcaa import BACKBONE_DEPTHS
+from pcaa_hf.model.configuration_pcaa import BACKBONE_DEPTHS, DECODE_HEAD_TYPES
 
 GROUPS = DATA, MODEL, OPTIMISATION, RUN, PUBLISHING = (
     "data", "model", "optimisation", "checkpoints, logging, evaluation", "publishing")
@@ -59,9 +59,12 @@ class TrainingArguments:
     backbone_depth: int = option(50, group=MODEL, choices=BACKBONE_DEPTHS, help="the ResNet's depth")
     output_stride: int = option(8, group=MODEL, choices=(8, 16), help="the backbone's output stride")
     multi_grid: bool = option(False, group=MODEL, help="stage-4 dilations x(1, 2, 4) (ADE20K recipe)")
+    decode_head_type: str = option(DECODE_HEAD_TYPES[0], group=MODEL, choices=DECODE_HEAD_TYPES,
+                                   help="the context head: pcaa, or a baseline of the paper's Table 3 (fcn, aspp, "
+                                        "non_local, ocr) trained the same way")
     bins: list[tuple[int, int]] = field(default_factory=lambda: [(4, 4)], metadata={
-        "group": MODEL, "metavar": "RxC", "help": "region grid of each PCAA module, one RxC a module"})
-    hidden_size: int = option(512, group=MODEL, help="channels of the PCAA head")
+        "group": MODEL, "metavar": "RxC", "help": "region grid of each PCAA module, one RxC a module (pcaa head)"})
+    hidden_size: int = option(512, group=MODEL, help="channels of the decode head")
     auxiliary_hidden_size: int = option(256, group=MODEL, help="channels of the auxiliary head")
     classifier_dropout: float = option(0.0, group=MODEL, help="dropout before the classifier (the authors' "
                                                               "--dropout is 0.1)")

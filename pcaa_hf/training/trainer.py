@@ -121,8 +121,8 @@ def build_model(args, id2label):
             model.config.id2label, model.config.label2id = id2label, label2id
         return model
     config = PCAAConfig(
-        backbone_depth=args.backbone_depth, output_stride=args.output_stride, multi_grid=args.multi_grid,
-        bins=[tuple(grid) for grid in args.bins], hidden_size=args.hidden_size,
+        decode_head_type=args.decode_head_type, backbone_depth=args.backbone_depth, output_stride=args.output_stride,
+        multi_grid=args.multi_grid, bins=[tuple(grid) for grid in args.bins], hidden_size=args.hidden_size,
         auxiliary_hidden_size=args.auxiliary_hidden_size, classifier_dropout=args.classifier_dropout,
         use_ohem=args.use_ohem, num_labels=len(id2label), id2label=id2label, label2id=label2id,
     )
@@ -372,8 +372,9 @@ class Trainer:
     def train_evaluate_export(self):
         args, accelerator = self.args, self.accelerator
         total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-        logger.info("Training %s on %d images (%s), %d steps of %d images (%d process(es) x %d x %d accumulated) "
-                    "on %s, mixed precision %s", type(accelerator.unwrap_model(self.model)).__name__,
+        model = accelerator.unwrap_model(self.model)
+        logger.info("Training %s (%s head) on %d images (%s), %d steps of %d images (%d process(es) x %d x %d "
+                    "accumulated) on %s, mixed precision %s", type(model).__name__, model.config.decode_head_type,
                     len(self.train_split), args.data, args.max_train_steps, total_batch, accelerator.num_processes,
                     args.per_device_train_batch_size, args.gradient_accumulation_steps, accelerator.device.type,
                     accelerator.mixed_precision)
