@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from transformers import AutoModelForSemanticSegmentation
+from transformers import AutoModelForSemanticSegmentation, ResNetConfig
 
 from pcaa_hf import PCAAConfig, PCAAForSemanticSegmentation, PCAAImageProcessor
+from pcaa_hf.cli.predict import main as predict_main
 from pcaa_hf.conversion.original_checkpoints import (
     ORIGINAL_MODELS,
     CheckpointMismatchError,
@@ -25,9 +26,11 @@ from pcaa_hf.conversion.original_checkpoints import (
 )
 from pcaa_hf.model.configuration_pcaa import DECODE_HEAD_TYPES
 from pcaa_hf.model.decode_heads_pcaa import PCAANonLocalBlock, PCAAObjectContextBlock
+from pcaa_hf.publishing.exporting import export_to_folder, load_exported
 from pcaa_testing import randomise_weights, run_without_the_package, small_config
 
 BASELINES = [head for head in DECODE_HEAD_TYPES if head != "pcaa"]
+AUTO = torch.export.Dim.AUTO
 # Every non-backbone key of the authors' Seg_Model of each --model (ResNet-50, 19 classes), with and without
 # --dropout and --aux-loss, as their code at lsa1997/PCAA f281b07 names them (tests/test_parity_with_original.py
 # checks this record against a checkout).
@@ -55,7 +58,9 @@ def test_every_head_takes_any_size_in_eval_and_training(head, size):
         labels = torch.randint(0, 5, (2, *size))
         output = model(pixel_values, labels=labels)
         output.loss.backward()
-        assert all(p.grad is not None for name, p in model.named_parameters() if name.startswith("decode_head."))
+        for name, parameter in model.named_parameters():
+            if name.startswith("decode_head."):
+                assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
 @pytest.mark.parametrize("head", BASELINES)
@@ -92,6 +97,35 @@ def test_non_local_block_is_the_embedded_gaussian_of_its_definition():
 
 
 @torch.no_grad()
+def test_non_local_attention_runs_on_the_fused_kernel_that_holds_no_positions_map():
+    """torch's flash attention kernel on the CPU, asked for alone, accepts the block's inputs (contiguous)."""
+    block = PCAANonLocalBlock(16).eval()
+    features = torch.randn(1, 16, 24, 40)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        fused = block(features)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        torch.testing.assert_close(fused, block(features))
+
+
+def test_ocr_on_a_transformers_backbone_whose_last_two_stages_differ_in_resolution():
+    """ResNet's stages 3 and 4 at strides 16 and 32: the auxiliary scores are resized to the last map's size."""
+    backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
+                            out_features=["stage3", "stage4"])
+    model = small_model("ocr", backbone_config=backbone, hidden_size=16, auxiliary_hidden_size=8).train()
+    pixel_values, labels = torch.randn(2, 3, 96, 130), torch.randint(0, 5, (2, 96, 130))
+    output = model(pixel_values, labels=labels)
+    assert output.logits.shape == (2, 5, 3, 5) and output.auxiliary_logits.shape == (2, 5, 6, 9)
+    output.loss.backward()
+    assert model.decode_head.object_context.pixel_query[0].conv.weight.grad.abs().sum() > 0
+    model.eval()
+    program = torch.export.export(model, (pixel_values,), dynamic_shapes=({0: AUTO, 2: AUTO, 3: AUTO},))
+    for size in ((64, 64), (100, 70)):
+        check = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(check)[0], model(check).logits, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
 def test_object_context_block_attends_over_object_regions_as_ocr_defines():
     block = PCAAObjectContextBlock(16).double().eval()
     randomise_weights(block)
@@ -117,7 +151,7 @@ def test_ocr_object_regions_are_the_auxiliary_scores_softmax_over_positions():
 
 
 @torch.no_grad()
-def test_aspp_image_pooling_branch_is_constant_over_positions():
+def test_aspp_concatenates_image_pooling_upsampled_and_one_branch_per_rate():
     model = small_model("aspp", aspp_dilations=[2, 3]).eval()
     features = torch.randn(1, 512, 6, 9)
     head = model.decode_head
@@ -132,6 +166,7 @@ def test_aspp_image_pooling_branch_is_constant_over_positions():
 @pytest.mark.parametrize("overrides, message", [
     (dict(decode_head_type="psp"), "`decode_head_type` must be one of"),
     (dict(decode_head_type="ocr", use_auxiliary_head=False), "`use_auxiliary_head` must be True"),
+    (dict(decode_head_type="ocr", num_labels=1), "`decode_head_type='ocr'` needs at least 2 labels"),
     (dict(decode_head_type="aspp", aspp_dilations=[]), "`aspp_dilations` must be positive integers"),
     (dict(decode_head_type="aspp", aspp_dilations=[6, 0]), "`aspp_dilations` must be positive integers"),
     (dict(decode_head_type="non_local", hidden_size=63), "`hidden_size` must be a positive even number"),
@@ -147,8 +182,8 @@ def test_aspp_refuses_training_on_one_image_clearly():
         model(torch.randn(1, 3, 64, 64), labels=torch.zeros(1, 64, 64, dtype=torch.long))
 
 
-def test_binary_segmentation_with_every_baseline():
-    for head in BASELINES:
+def test_binary_segmentation_with_every_baseline_but_ocr():
+    for head in ("fcn", "aspp", "non_local"):
         model = small_model(head, num_labels=1).train()
         output = model(torch.randn(2, 3, 32, 32), labels=torch.randint(0, 2, (2, 32, 32)))
         assert output.logits.shape == (2, 1, 4, 4) and torch.isfinite(output.loss)
@@ -223,3 +258,27 @@ def test_a_baseline_folder_runs_with_remote_code_without_the_package(tmp_path):
         logits = model(**PCAAImageProcessor()(image, return_tensors="pt")).logits
     assert torch.equal(torch.tensor(report["logits"]), logits.flatten())
     assert report["masks"] and report["not_supported"] == []
+
+
+@pytest.fixture(scope="module")
+def ocr_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ocr") / "model"
+    small_model("ocr", hidden_size=16, auxiliary_hidden_size=8).eval().save_pretrained(folder)
+    PCAAImageProcessor().save_pretrained(folder)
+    return folder
+
+
+def test_the_export_command_exports_and_checks_a_baseline(ocr_folder, tmp_path):
+    report = export_to_folder(ocr_folder, tmp_path / "export", "dynamo", example_size=(48, 64))
+    assert all(check.max_abs_difference <= 1e-4 and check.argmax_agreement == 1.0 for check in report.checks)
+    exported = load_exported(tmp_path / "export", trust_remote_code=True)
+    assert exported(pixel_values=torch.randn(1, 3, 40, 56)).logits.shape == (1, 5, 5, 7)
+
+
+def test_predict_refuses_cams_for_a_baseline_by_name(ocr_folder, tmp_path, capsys):
+    PIL.Image.fromarray(np.zeros((32, 48, 3), dtype=np.uint8)).save(tmp_path / "image.png")
+    returncode = predict_main([str(ocr_folder), str(tmp_path / "image.png"), "--output_dir", str(tmp_path / "out"),
+                               "--cams"])
+    error = capsys.readouterr().err
+    assert returncode != 0 and "--cams: class activations are what PCAA modules attend to" in error
+    assert "'ocr' head" in error

@@ -340,3 +340,22 @@ def test_the_runtimes_need_our_float32_model_to_compare_with(capsys):
         main(["--sections", "runtimes", "--contenders", "onnxruntime int8"])
     assert exit_info.value.code == 2
     assert "--contenders must include 'pcaa_hf float32'" in capsys.readouterr().err
+
+
+def test_the_flop_count_includes_the_cpu_attention_of_the_baseline_heads():
+    """The Non-local block's attention (2 products of h*w x h*w x C/2, forward; 4 more backward) is counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pcaa_hf.benchmarks.model_speed import CPU_ATTENTION_FLOPS
+    from pcaa_hf.model.decode_heads_pcaa import PCAANonLocalBlock
+
+    block, features = PCAANonLocalBlock(16), torch.randn(2, 16, 6, 10, requires_grad=True)
+    with FlopCounterMode(display=False) as without:
+        block(features)
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        output = block(features)
+    attention = 2 * (2 * 2 * 60 * 60 * 8)  # batch 2, two products, 2 FLOPs per multiply-add
+    assert counter.get_total_flops() - without.get_total_flops() == attention
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        output.sum().backward()
+    assert counter.get_total_flops() >= 2 * attention

@@ -12,7 +12,7 @@ from pcaa_testing import randomise_weights, small_config
 def test_save_pretrained_round_trip_is_exact(tmp_path):
     model = randomise_weights(PCAAForSemanticSegmentation(small_config(bins=((2, 2), (4, 4))))).eval()
     model.save_pretrained(tmp_path)
-    code = ["backbone_pcaa.py", "configuration_pcaa.py", "loss_pcaa.py", "modeling_pcaa.py"]
+    code = ["backbone_pcaa.py", "configuration_pcaa.py", "decode_heads_pcaa.py", "loss_pcaa.py", "modeling_pcaa.py"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["config.json", "model.safetensors", *code])
     with safe_open(tmp_path / "model.safetensors", "pt") as weights:
         assert set(weights.keys()) == set(model.state_dict())

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from pcaa_hf.conversion.original_checkpoints import import_original
 from pcaa_hf.conversion.parity import authors_onehot_labels
@@ -32,6 +32,23 @@ from pcaa_hf.model.configuration_pcaa import PCAAConfig
 from pcaa_hf.model.modeling_pcaa import PCAAForSemanticSegmentation
 
 from .measurements import best_seconds
+
+
+def cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                 **kwargs):
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch's flop counter knows the fused attention kernels of GPUs but not the CPU one, which the Non-local and OCR
+# heads run: the same formulas count it.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flops,
+}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MATMUL_KERNELS = {"cpu": ("mm", "conv1x1"), "cuda": ("mm",)}
@@ -331,7 +348,7 @@ def benchmark_model_case(case, device, limits, calls=3, num_labels=19, builders=
     for name, build_model in builders.items():
         model = build_model(case.depth, num_labels).to(device)
         step, existing = case_step(case, model, device, num_labels)
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
             step(model)
         if case.compile:
             step()  # compiles (the counted call ran the eager model)

@@ -106,8 +106,6 @@ def cam_class_ids(args, id2label):
 def run(args):
     images = find_images(args.inputs, args.output_dir)
     model, processor = load_model(args.model, args.device, args.trust_remote_code)
-    if args.cams and model.config.model_type != "pcaa":
-        raise PredictionError(f"--cams needs a PCAA model; {args.model} is a {model.config.model_type!r} model")
     inference = SegmentationInference(
         mode=args.mode, scales=tuple(args.scales), flip=args.flip,
         **{name: tuple(value) for name, value in (("crop_size", args.crop_size), ("stride", args.stride)) if value},

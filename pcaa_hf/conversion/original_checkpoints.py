@@ -81,36 +81,47 @@ def stacked_conv_norm_rules(original, ours):
              lambda m: f"{ours}.{int(m[1]) // 3}.{'conv' if int(m[1]) % 3 == 0 else 'norm'}."),)
 
 
-def decode_head_rules(model, classifier):
+def classifier_index(dropout, first):
     """
-    Renaming rules of the authors' `model`'s decode head; `classifier` is the index their classifier convolutions
-    take in an nn.Sequential (one later with --dropout, after the Dropout2d).
+    Where the authors put a classifier convolution in an nn.Sequential whose layers before it number `first`: one
+    later with --dropout, after the Dropout2d.
     """
-    final = 1 if classifier == 4 else 0  # a classifier that is alone in its nn.Sequential, or after a dropout
-    if model == "caanet":
-        return (*conv_norm_rules(r"head\.conva", "decode_head.pre"),
-                *conv_norm_rules(r"head\.convb", "decode_head.post"),
-                *conv_norm_rules(r"head\.conv_seg", "decode_head.fuse"),
-                (rf"^head\.conv_seg\.{classifier}\.", "decode_head.classifier."))
-    if model == "basenet":
-        return (*stacked_conv_norm_rules(r"head", "decode_head.convs"),
-                (rf"^classifier\.{final}\.", "decode_head.classifier."))
-    if model == "deeplabv3":
-        return ((r"^head\.conv1\.1\.", "decode_head.image_pool.conv."),
-                (r"^head\.conv1\.2\.", "decode_head.image_pool.norm."),
-                (r"^head\.conv([2-9])\.0\.", lambda m: f"decode_head.branches.{int(m[1]) - 2}.conv."),
-                (r"^head\.conv([2-9])\.1\.", lambda m: f"decode_head.branches.{int(m[1]) - 2}.norm."),
-                *conv_norm_rules(r"head\.bottleneck", "decode_head.bottleneck"),
-                (rf"^classifier\.{final}\.", "decode_head.classifier."))
-    if model == "nlnet":
-        return (*conv_norm_rules(r"head\.conva", "decode_head.pre"),
-                (r"^head\.ctb\.conv_query\.", "decode_head.non_local.query."),
-                (r"^head\.ctb\.conv_key\.", "decode_head.non_local.key."),
-                (r"^head\.ctb\.conv_value\.", "decode_head.non_local.value."),
-                *conv_norm_rules(r"head\.ctb\.conv_out", "decode_head.non_local.output_projection"),
-                *conv_norm_rules(r"head\.convb", "decode_head.post"),
-                *conv_norm_rules(r"head\.bottleneck", "decode_head.fuse"),
-                (rf"^head\.bottleneck\.{classifier}\.", "decode_head.classifier."))
+    return first + 1 if dropout else first
+
+
+def caanet_rules(dropout):
+    return (*conv_norm_rules(r"head\.conva", "decode_head.pre"),
+            *conv_norm_rules(r"head\.convb", "decode_head.post"),
+            *conv_norm_rules(r"head\.conv_seg", "decode_head.fuse"),
+            (rf"^head\.conv_seg\.{classifier_index(dropout, 3)}\.", "decode_head.classifier."))
+
+
+def basenet_rules(dropout):
+    return (*stacked_conv_norm_rules(r"head", "decode_head.convs"),
+            (rf"^classifier\.{classifier_index(dropout, 0)}\.", "decode_head.classifier."))
+
+
+def deeplabv3_rules(dropout):
+    return ((r"^head\.conv1\.1\.", "decode_head.image_pool.conv."),  # conv1.0 is its pooling layer
+            (r"^head\.conv1\.2\.", "decode_head.image_pool.norm."),
+            (r"^head\.conv([2-9])\.0\.", lambda m: f"decode_head.branches.{int(m[1]) - 2}.conv."),
+            (r"^head\.conv([2-9])\.1\.", lambda m: f"decode_head.branches.{int(m[1]) - 2}.norm."),
+            *conv_norm_rules(r"head\.bottleneck", "decode_head.bottleneck"),
+            (rf"^classifier\.{classifier_index(dropout, 0)}\.", "decode_head.classifier."))
+
+
+def nlnet_rules(dropout):
+    return (*conv_norm_rules(r"head\.conva", "decode_head.pre"),
+            (r"^head\.ctb\.conv_query\.", "decode_head.non_local.query."),
+            (r"^head\.ctb\.conv_key\.", "decode_head.non_local.key."),
+            (r"^head\.ctb\.conv_value\.", "decode_head.non_local.value."),
+            *conv_norm_rules(r"head\.ctb\.conv_out", "decode_head.non_local.output_projection"),
+            *conv_norm_rules(r"head\.convb", "decode_head.post"),
+            *conv_norm_rules(r"head\.bottleneck", "decode_head.fuse"),
+            (rf"^head\.bottleneck\.{classifier_index(dropout, 3)}\.", "decode_head.classifier."))
+
+
+def ocrnet_rules(dropout):
     block = r"spatial_ocr_head\.object_context_block"
     return (*conv_norm_rules(r"conv_3x3", "decode_head.pre"),
             *stacked_conv_norm_rules(rf"{block}\.f_pixel", "decode_head.object_context.pixel_query"),
@@ -118,13 +129,16 @@ def decode_head_rules(model, classifier):
             *stacked_conv_norm_rules(rf"{block}\.f_down", "decode_head.object_context.object_value"),
             *conv_norm_rules(rf"{block}\.f_up", "decode_head.object_context.output_projection"),
             *conv_norm_rules(r"spatial_ocr_head\.conv_bn_dropout", "decode_head.fuse"),
-            (rf"^classifier\.{final}\.", "decode_head.classifier."))
+            (rf"^classifier\.{classifier_index(dropout, 0)}\.", "decode_head.classifier."))
+
+
+# Renaming rules of each authors' model's decode head, by its --model name, given --dropout.
+DECODE_HEAD_RULES = {"caanet": caanet_rules, "basenet": basenet_rules, "deeplabv3": deeplabv3_rules,
+                     "nlnet": nlnet_rules, "ocrnet": ocrnet_rules}
 
 
 def original_key_to_hf(key, dropout, model="caanet"):
     """The name of a key of the authors' `model` (`networks/<model>.py`'s `Seg_Model`) in ours, or None if unknown."""
-    # With --dropout the authors' classifiers sit one index later in their nn.Sequential (after the Dropout2d).
-    classifier = 4 if dropout else 3
     if key.startswith("backbone."):
         renamed = rename_key(key[len("backbone."):], BACKBONE_KEY_RULES)
         return None if renamed is None else "backbone." + renamed
@@ -133,11 +147,10 @@ def original_key_to_hf(key, dropout, model="caanet"):
         renamed = rename_key(match[2], PCAA_MODULE_KEY_RULES)
         return None if renamed is None else f"decode_head.pcaa_modules.{match[1]}.{renamed}"
     auxiliary_rules = (
-        (r"^dsn\.0\.", "auxiliary_head.conv.conv."),
-        (r"^dsn\.1\.", "auxiliary_head.conv.norm."),
-        (rf"^dsn\.{classifier}\.", "auxiliary_head.classifier."),
+        *conv_norm_rules(r"dsn", "auxiliary_head.conv"),
+        (rf"^dsn\.{classifier_index(dropout, 3)}\.", "auxiliary_head.classifier."),
     )
-    return rename_key(key, (*decode_head_rules(model, classifier), *auxiliary_rules))
+    return rename_key(key, (*DECODE_HEAD_RULES[model](dropout), *auxiliary_rules))
 
 
 def load_original_state_dict(path):

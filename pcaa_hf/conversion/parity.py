@@ -4,7 +4,8 @@
 `CONFIGURATIONS`, the authors' `Seg_Model` (PCAA, `networks/caanet.py`, or a baseline of `networks/` that their
 train.py's --model names, with its loss) is built with random weights and randomised BatchNorm statistics, saved as
 a DistributedDataParallel-style checkpoint (`module.` prefix), converted with `convert_original_checkpoint`, reloaded
-from the written folder, and both models are run in eval mode on the same random images and label maps. Each output
+from the written folder, and both models are run (in eval mode unless the configuration says `training`) on the same
+random images and label maps. Each output
 (the logits, the region class scores and each loss term) gets a `ParityRow`: the relative error of ours against
 theirs (max |ours - theirs| / max |theirs|), failed above `tolerance` (float64) or, below float64, where our rounding
 error exceeds `rounding_ratio` times theirs.
@@ -34,8 +35,9 @@ DEFAULT_ROUNDING_RATIO = 4.0
 ROUNDING_FLOOR = 1e-6
 
 # Each configuration: the authors' --model (caanet when not given), backbone, classes, PCAA region grids, --multi-grid,
-# --dropout, --aux-loss (True when not given; their ocrnet always has the auxiliary head), input size and --ohem.
-# The baselines run on smaller inputs of sizes no output stride divides: their heads, like PCAA's, take any size.
+# --dropout, --aux-loss (True when not given; their ocrnet always has the auxiliary head), input size and --ohem;
+# `training`: both models in training mode (BatchNorm on batch statistics), else eval mode. The baselines run on
+# smaller inputs of sizes no output stride divides: their heads, like PCAA's, take any size.
 CONFIGURATIONS = {
     "r50-cityscapes": dict(backbone="resnet50", num_labels=19, bins=[(4, 4)], multi_grid=False, dropout=False,
                            size=(512, 1024), ohem=False),
@@ -62,6 +64,14 @@ CONFIGURATIONS = {
                        size=(257, 385), ohem=False),
     "r101-ocrnet-multigrid-dropout-ohem": dict(model="ocrnet", backbone="resnet101", num_labels=150, multi_grid=True,
                                                dropout=True, size=(250, 330), ohem=True),
+    "r50-ocrnet-no-aux-loss": dict(model="ocrnet", backbone="resnet50", num_labels=19, multi_grid=False,
+                                   dropout=False, auxiliary_head=False, size=(250, 330), ohem=False),
+    # Training mode where BatchNorm normalises the heads' smallest maps: ASPP's pooled (B, C, 1, 1) branch, OCR's
+    # (B, C, K, 1) object representations.
+    "r50-deeplabv3-training": dict(model="deeplabv3", backbone="resnet50", num_labels=19, multi_grid=False,
+                                   dropout=False, size=(250, 330), ohem=False, training=True),
+    "r50-ocrnet-training": dict(model="ocrnet", backbone="resnet50", num_labels=19, multi_grid=False, dropout=False,
+                                size=(250, 330), ohem=False, training=True),
 }
 
 
@@ -173,6 +183,9 @@ def compare(networks, criterion_module, name, settings, workdir, seed, dtype):
                                        settings.get("bins", [(4, 4)]), multi_grid=settings["multi_grid"],
                                        dropout=settings["dropout"], original_model=settings.get("model", "caanet"))
     ours.config.use_ohem = settings["ohem"]
+    if settings.get("training"):
+        theirs.train()
+        ours.train()
     pixel_values = torch.randn(2, 3, *settings["size"], generator=generator)
     labels = random_label_map(2, settings["size"], settings["num_labels"], generator)
     reference = None

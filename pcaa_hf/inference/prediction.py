@@ -30,7 +30,14 @@ from transformers.image_transforms import convert_to_rgb
 import pcaa_hf  # noqa: F401  (registers PCAA with the Auto classes)
 from pcaa_hf.inference.model_folders import load_saved_image_processor, load_saved_model, one_line
 from pcaa_hf.inference.segmentation_inference import SegmentationInference
-from pcaa_hf.inference.visualisation import colourise, heatmap_overlay, overlay, palette_for, partial_class_activations
+from pcaa_hf.inference.visualisation import (
+    colourise,
+    heatmap_overlay,
+    overlay,
+    palette_for,
+    partial_class_activations,
+    pcaa_modules,
+)
 from pcaa_hf.model.image_processing_pcaa import open_image, to_eight_bit
 
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -142,6 +149,11 @@ class Predictor:
     def __post_init__(self):
         self.output_dir = Path(self.output_dir)
         self.palette = palette_for(self.model.config.id2label)
+        if self.cams:
+            try:
+                pcaa_modules(self.model)
+            except ValueError as error:
+                raise PredictionError(f"--cams: {error}") from None
 
     def read(self, source):
         """

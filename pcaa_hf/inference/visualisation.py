@@ -83,6 +83,22 @@ def heatmap_overlay(image, values, alpha=0.6):
     return Image.fromarray(np.rint((1 - alpha) * rgb + alpha * heatmap(values)).astype(np.uint8))
 
 
+def pcaa_modules(model):
+    """
+    The PCAA modules of `model`'s decode head; a ValueError for a model without them (another model type, or a
+    baseline head of the paper's Table 3).
+    """
+    config = model.config
+    if config.model_type != "pcaa":
+        raise ValueError(f"class activations need a PCAA model, got a {config.model_type!r} model")
+    # Folders saved before the baseline heads carry a configuration without the field: those are PCAA's.
+    head = getattr(config, "decode_head_type", "pcaa")
+    if head != "pcaa":
+        raise ValueError(f"class activations are what PCAA modules attend to, and the model's {head!r} head (a "
+                         "baseline of the paper's Table 3) has none")
+    return model.decode_head.pcaa_modules
+
+
 @torch.inference_mode()
 def partial_class_activations(model, pixel_values):
     """
@@ -92,7 +108,7 @@ def partial_class_activations(model, pixel_values):
     """
     activation_maps = []
     hooks = [module.cam_classifier.register_forward_hook(lambda _, __, output: activation_maps.append(output.sigmoid()))
-             for module in model.decode_head.pcaa_modules]
+             for module in pcaa_modules(model)]
     try:
         outputs = model(pixel_values=pixel_values)
     finally:
@@ -102,4 +118,4 @@ def partial_class_activations(model, pixel_values):
 
 
 __all__ = ["cityscapes_label_ids", "colourise", "generated_palette", "heatmap", "heatmap_overlay", "overlay",
-           "palette_for", "partial_class_activations"]
+           "palette_for", "partial_class_activations", "pcaa_modules"]

@@ -48,7 +48,8 @@ class PCAAConfig(PreTrainedConfig):
             Activation Attention), or a baseline as the authors' code builds it: `"fcn"` (two 3x3 convolutions,
             their `basenet`), `"aspp"` (DeepLabV3's atrous spatial pyramid pooling with image pooling, `deeplabv3`),
             `"non_local"` (a Non-local block, `nlnet`) or `"ocr"` (object-contextual representations over soft
-            object regions from the auxiliary head's class scores, `ocrnet`; needs `use_auxiliary_head`).
+            object regions from the auxiliary head's class scores, `ocrnet`; needs `use_auxiliary_head` and 2 labels
+            or more).
         hidden_size (`int`, *optional*, defaults to 512):
             Width of the decode head; attention (PCAA, Non-local, OCR) and the ASPP branches work at half of it.
         aspp_dilations (`list[int]`, *optional*, defaults to `(12, 24, 36)`):
@@ -166,6 +167,10 @@ class PCAAConfig(PreTrainedConfig):
         if self.decode_head_type == "ocr" and not self.use_auxiliary_head:
             raise ValueError("`use_auxiliary_head` must be True with `decode_head_type='ocr'`: OCR's object regions "
                              "are the auxiliary head's class scores.")
+        if self.decode_head_type == "ocr" and self.num_labels < 2:
+            raise ValueError(f"`decode_head_type='ocr'` needs at least 2 labels, got num_labels={self.num_labels}: its "
+                             "object regions are one per class, and over a single region every pixel gets the same "
+                             "context.")
         if len(self.aspp_dilations) == 0 or any(not isinstance(rate, int) or rate < 1 for rate in self.aspp_dilations):
             raise ValueError(f"`aspp_dilations` must be positive integers, at least one, got {self.aspp_dilations!r}.")
         if self.hidden_size < 2 or self.hidden_size % 2:

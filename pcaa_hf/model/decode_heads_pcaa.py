@@ -37,14 +37,15 @@ class PCAAAuxiliaryHead(nn.Module):
 def attend(query, key, value):
     """
     softmax(query key^T / sqrt(d)) value over (B, N, d) queries and (B, M, d) keys and values: scaled dot-product
-    attention, whose fused kernels never hold the (N, M) map (4 GiB for a Non-local block on a 1024x2048 frame).
+    attention, whose fused kernels (float32 and half precision) never hold the (N, M) map, 4 GiB for a Non-local
+    block on a 1024x2048 frame. They need contiguous inputs (`positions` makes them so).
     """
     return F.scaled_dot_product_attention(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)).squeeze(1)
 
 
 def positions(features):
-    """(B, C, h, w) -> (B, h*w, C)."""
-    return features.flatten(2).transpose(1, 2)
+    """(B, C, h, w) -> (B, h*w, C), contiguous: fused attention kernels refuse a last dimension of stride h*w."""
+    return features.flatten(2).transpose(1, 2).contiguous()
 
 
 class PCAAFCNHead(nn.Module):
@@ -81,7 +82,8 @@ class PCAAASPPHead(nn.Module):
         self.classifier = PCAAClassifier(config.hidden_size, config.num_labels)
 
     def forward(self, features):
-        if self.training and features.shape[0] == 1 and type(self.image_pool.norm) is nn.BatchNorm2d:
+        norm = self.image_pool.norm
+        if norm.training and features.shape[0] == 1 and type(norm) is nn.BatchNorm2d:
             raise ValueError("Training the ASPP head normalises its image-pooling branch (one value per image and "
                              "channel) over the batch, which needs at least 2 images per process (or SyncBatchNorm "
                              "over several processes); got 1.")

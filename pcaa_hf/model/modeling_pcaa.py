@@ -305,6 +305,10 @@ class PCAADecodeHead(nn.Module):
         return self.classifier(self.dropout(hidden_state)), region_class_scores
 
 
+# `PCAAConfig.decode_head_type` -> its head: PCAA's, or a baseline of the paper's Table 3.
+DECODE_HEADS = {"pcaa": PCAADecodeHead, **BASELINE_HEADS}
+
+
 class PCAAPreTrainedModel(PreTrainedModel):
     config: PCAAConfig
     base_model_prefix = ""
@@ -313,8 +317,9 @@ class PCAAPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     accepts_loss_kwargs = False
     _no_split_modules = ["PCAABottleneck", "PCAABasicBlock", "PCAAModule"]
-    # PCAA's own layers call no attention function: any implementation asked for is the backbone's to accept or refuse
-    # (a transformers backbone checks its own support when it is built).
+    # The heads' own attention (PCAA's over region classes, the Non-local and OCR baselines' through torch's
+    # scaled_dot_product_attention) does not go through transformers' attention functions: any implementation asked
+    # for is the backbone's to accept or refuse (a transformers backbone checks its own support when it is built).
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -379,8 +384,7 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
         super().__init__(config)
         # Any transformers backbone when configured (it returns BackboneOutput.feature_maps), else the paper's ResNet.
         self.backbone = PCAAResNetBackbone(config) if config.backbone_config is None else load_backbone(config)
-        decode_head = BASELINE_HEADS.get(config.decode_head_type, PCAADecodeHead)
-        self.decode_head = decode_head(config, self.backbone.channels[-1])
+        self.decode_head = DECODE_HEADS[config.decode_head_type](config, self.backbone.channels[-1])
         self.auxiliary_head = (
             PCAAAuxiliaryHead(config, self.backbone.channels[-2]) if config.use_auxiliary_head else None
         )
@@ -402,7 +406,8 @@ class PCAAForSemanticSegmentation(PCAAPreTrainedModel):
             the loss and its terms are returned (logits are upsampled to the label size for the cross-entropies).
         output_attentions (`bool`, *optional*):
             Return the attention maps of a transformers backbone that has them (e.g. Swin), as UperNet does. The
-            paper's backbone has none, and PCAA's own attention (over region classes, not positions) is not returned.
+            paper's backbone has none, and the decode head's attention (PCAA's over region classes, the Non-local
+            and OCR baselines') is not returned.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (

@@ -24,7 +24,7 @@ BASELINE_TEMPLATE = "baseline_generic.md"
 
 # What a card says about each baseline decode head (`PCAAConfig.decode_head_type`): its name, what it computes, the
 # paper that introduced it and the authors' network file it reproduces.
-BASELINE_HEADS = {
+BASELINE_CARD_FACTS = {
     "fcn": dict(
         name="FCN",
         authors_model="basenet",
@@ -136,7 +136,7 @@ def default_template(config, dataset_type):
     # The paper's head and grid at output stride 8; anything else is not one of its configurations.
     paper_head = (getattr(config, "backbone_config", None) is None and config.output_stride == 8
                   and config.hidden_size == 512 and [tuple(g) for g in config.bins] == [(4, 4)])
-    if decode_head_type(config) != "pcaa":
+    if config.decode_head_type != "pcaa":
         name = BASELINE_TEMPLATE
     elif paper_head and config.backbone_depth == 50 and not config.multi_grid and dataset_type == "cityscapes":
         name = "pcaa_r50_cityscapes.md"
@@ -153,11 +153,6 @@ def default_template(config, dataset_type):
             "model_cards/ folder, lacks it. Reinstall pcaa_hf, or pass the path of a template to render_model_card."
         )
     return template
-
-
-def decode_head_type(config):
-    """The configuration's decode head; "pcaa" for configurations saved before there was a choice."""
-    return getattr(config, "decode_head_type", "pcaa")
 
 
 def backbone_name(config):
@@ -366,10 +361,10 @@ def render_model_card(template_path, *, repo_id, config, id2label, metrics=None,
         results["per_class_table"] = per_class_table(metrics, id2label)
         eval_results = evaluation_results(metrics, facts) or None
 
-    head_type = decode_head_type(config)
+    head_type = config.decode_head_type
     tags = ["pcaa", "semantic-segmentation", "vision", "pytorch"]
     if head_type != "pcaa":
-        tags.append(BASELINE_HEADS[head_type]["authors_model"])
+        tags.append(BASELINE_CARD_FACTS[head_type]["authors_model"])
     if facts["generated"]:
         tags.append("synthetic-data")
     elif data.get("dataset_type") in HUB_DATASET_IDS:
@@ -392,7 +387,11 @@ def render_model_card(template_path, *, repo_id, config, id2label, metrics=None,
         multi_grid=config.multi_grid,
         bins=", ".join(size_text(list(grid)) for grid in config.bins),
         hidden_size=config.hidden_size,
-        head=dict(BASELINE_HEADS.get(head_type, {}), type=head_type),
+        head=dict(BASELINE_CARD_FACTS.get(head_type, {}), type=head_type),
+        transformers_backbone=getattr(config, "backbone_config", None) is not None,
+        auxiliary_head=config.use_auxiliary_head,
+        auxiliary_loss_weight=config.auxiliary_loss_weight,
+        use_ohem=config.use_ohem,
         num_labels=config.num_labels,
         dataset_name=facts["name"],
         dataset_type=data.get("dataset_type"),
@@ -413,17 +412,20 @@ def render_model_card(template_path, *, repo_id, config, id2label, metrics=None,
 def render_template(template_path, **variables):
     """
     The text of the Jinja template at `template_path` filled with `variables`, as `ModelCard.from_template` renders
-    it, except that a name the template uses but no variable defines is an error rather than an empty string. A
-    broken template is a ValueError naming the file, the line and Jinja's message.
+    it, except that a name the template uses but no variable defines is an error rather than an empty string. It may
+    include templates of its own folder or of `MODEL_CARDS_FOLDER` (`{% include "_shared_sections.md" %}`). A broken
+    template is a ValueError naming the file, the line and Jinja's message.
     """
+    template_path = Path(template_path)
+    loader = jinja2.FileSystemLoader([template_path.parent, MODEL_CARDS_FOLDER])
     try:
-        template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(
-            Path(template_path).read_text(encoding="utf-8"))
-        return template.render(**variables)
+        environment = jinja2.Environment(loader=loader, undefined=jinja2.StrictUndefined)
+        return environment.from_string(template_path.read_text(encoding="utf-8")).render(**variables)
     except jinja2.TemplateError as error:
         line = f", line {error.lineno}" if getattr(error, "lineno", None) else ""
-        raise ValueError(f"model card template {template_path}{line}: {type(error).__name__}: "
-                         f"{error.message}") from None
+        name = f"{template_path}" if getattr(error, "name", None) in (None, template_path.name) else (
+            f"{template_path} (in {error.name})")
+        raise ValueError(f"model card template {name}{line}: {type(error).__name__}: {error.message}") from None
 
 
 __all__ = ["default_template", "render_model_card"]
