@@ -107,6 +107,17 @@ def test_non_local_attention_runs_on_the_fused_kernel_that_holds_no_positions_ma
         torch.testing.assert_close(fused, block(features))
 
 
+@pytest.mark.parametrize("head", BASELINES)
+def test_every_baseline_trains_on_a_transformers_backbone(head):
+    backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
+                            out_features=["stage3", "stage4"])
+    model = small_model(head, backbone_config=backbone, hidden_size=16, auxiliary_hidden_size=8).train()
+    output = model(torch.randn(2, 3, 64, 96), labels=torch.randint(0, 5, (2, 64, 96)))
+    assert output.logits.shape == (2, 5, 2, 3)
+    output.loss.backward()
+    assert model.decode_head.classifier.weight.grad.abs().sum() > 0
+
+
 def test_ocr_on_a_transformers_backbone_whose_last_two_stages_differ_in_resolution():
     """ResNet's stages 3 and 4 at strides 16 and 32: the auxiliary scores are resized to the last map's size."""
     backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],

@@ -129,13 +129,19 @@ def test_dynamic_export_matches_eager_at_every_size_and_reloads(models, name, ba
     # ONNX for the heads with operators PCAA's lacks (attention); the convolutional ones take 8 s each.
     ("onnx", "non_local"), ("onnx", "ocr"),
     pytest.param("onnx", "fcn", marks=pytest.mark.slow), pytest.param("onnx", "aspp", marks=pytest.mark.slow),
+    pytest.param("openvino", "non_local", marks=pytest.mark.slow),
+    pytest.param("openvino", "ocr", marks=pytest.mark.slow),
 ])
 def test_every_baseline_head_exports_with_dynamic_sizes(name, head):
     exporter_class, config_class, missing_packages = FORMATS[name]
     if missing_packages:
         pytest.skip(f"{name} export needs {', '.join(missing_packages)} (pip install -e '.[test]')")
     model = tiny_model(decode_head_type=head)
-    exported = exporter_class().export(model, {"pixel_values": torch.randn(TRACED_SHAPE)}, config_class(dynamic=True))
+    with keep_signal_stack():
+        exported = exporter_class().export(model, {"pixel_values": torch.randn(TRACED_SHAPE)},
+                                           config_class(dynamic=True))
+        if name == "openvino":
+            exported.to(config=OPENVINO_FLOAT32)
     assert_matches_eager(model, lambda x: exported(pixel_values=x), CHECKED_SHAPES)
 
 

@@ -102,6 +102,15 @@ def test_every_recipe_parses_to_the_papers_settings(recipe, expected):
                                                                     "cityscapes_r50.args"]
 
 
+@pytest.mark.parametrize("recipe", ["cityscapes_r50.args", "cityscapes_r101.args"])
+def test_the_table_3_baselines_train_with_the_pcaa_recipe_and_their_head(recipe):
+    pcaa = parse(f"@{RECIPES / recipe}", "--data", "d", "--output_dir", "o")
+    assert "--decode_head_type fcn, aspp, non_local" in (RECIPES / recipe).read_text()
+    for head in ("fcn", "aspp", "non_local", "ocr"):
+        baseline = parse(f"@{RECIPES / recipe}", "--decode_head_type", head, "--data", "d", "--output_dir", "o")
+        assert dataclasses.asdict(baseline) == {**dataclasses.asdict(pcaa), "decode_head_type": head}
+
+
 def test_options_take_their_values_in_either_spelling():
     args = parse(*REQUIRED, "--bins", "2x2", "4x4", "--base_size", "1024", "512", "--multi_grid", "--use-ohem",
                  "--eval-stride", "256", "384", "--push_to_hub", "false", "--per-device-train-batch-size", "3",
