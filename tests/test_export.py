@@ -96,16 +96,12 @@ def assert_matches_eager(model, run, shapes, seed=0):
     return differences
 
 
-@pytest.mark.parametrize("name, backbone", [
-    ("dynamo", "paper"), ("dynamo", "resnet"), ("onnx", "paper"), ("openvino", "paper"),
-    # The same exporters on a transformers backbone, 10 s each on 2 CPU cores.
-    pytest.param("onnx", "resnet", marks=pytest.mark.slow), pytest.param("openvino", "resnet", marks=pytest.mark.slow),
-])
-def test_dynamic_export_matches_eager_at_every_size_and_reloads(models, name, backbone, tmp_path):
+def export_dynamic(model, name):
+    """`model` exported by transformers' `name` exporter with dynamic shapes, traced at TRACED_SHAPE (skipped when
+    the format's packages are missing); an OpenVINO model set to infer in float32."""
     exporter_class, config_class, missing_packages = FORMATS[name]
     if missing_packages:
         pytest.skip(f"{name} export needs {', '.join(missing_packages)} (pip install -e '.[test]')")
-    model = models[backbone]
     # transformers' exporters called directly: OpenVINO's compilations need the guard pcaa_hf's own functions use.
     with keep_signal_stack():
         exported = exporter_class().export(model, {"pixel_values": torch.randn(TRACED_SHAPE)},
@@ -113,6 +109,17 @@ def test_dynamic_export_matches_eager_at_every_size_and_reloads(models, name, ba
         if name == "openvino":
             # By default OpenVINO infers in bfloat16 on CPUs that have it (pcaa_hf.publishing.exporting).
             exported.to(config=OPENVINO_FLOAT32)
+    return exported
+
+
+@pytest.mark.parametrize("name, backbone", [
+    ("dynamo", "paper"), ("dynamo", "resnet"), ("onnx", "paper"), ("openvino", "paper"),
+    # The same exporters on a transformers backbone, 10 s each on 2 CPU cores.
+    pytest.param("onnx", "resnet", marks=pytest.mark.slow), pytest.param("openvino", "resnet", marks=pytest.mark.slow),
+])
+def test_dynamic_export_matches_eager_at_every_size_and_reloads(models, name, backbone, tmp_path):
+    model = models[backbone]
+    exported = export_dynamic(model, name)
     assert_matches_eager(model, lambda x: exported(pixel_values=x), CHECKED_SHAPES)
 
     exported.save_pretrained(tmp_path)
@@ -133,15 +140,8 @@ def test_dynamic_export_matches_eager_at_every_size_and_reloads(models, name, ba
     pytest.param("openvino", "ocr", marks=pytest.mark.slow),
 ])
 def test_every_baseline_head_exports_with_dynamic_sizes(name, head):
-    exporter_class, config_class, missing_packages = FORMATS[name]
-    if missing_packages:
-        pytest.skip(f"{name} export needs {', '.join(missing_packages)} (pip install -e '.[test]')")
     model = tiny_model(decode_head_type=head)
-    with keep_signal_stack():
-        exported = exporter_class().export(model, {"pixel_values": torch.randn(TRACED_SHAPE)},
-                                           config_class(dynamic=True))
-        if name == "openvino":
-            exported.to(config=OPENVINO_FLOAT32)
+    exported = export_dynamic(model, name)
     assert_matches_eager(model, lambda x: exported(pixel_values=x), CHECKED_SHAPES)
 
 
